@@ -1,0 +1,213 @@
+"""Pure layers shared by every model family.
+
+- ``linear(x, w, bias)``: ``F.linear`` for a tensor weight; a leaf kind (LoRA, NF4) computes its own.
+- ``embedding(tokens, w)``: a row lookup; leaf kinds are densified first.
+- ``rms_norm``: Llama's RMSNorm, in float32 like Hugging Face's, cast back to the input dtype.
+- ``rope_inv_freq`` / ``rope_cos_sin`` / ``apply_rope``: rotary embeddings in the HF half-split
+  layout (``rotate_half``), with default, linear and Llama-3 frequency scaling.
+- ``attention``: scaled_dot_product_attention with grouped-query heads; causal by default, or an
+  explicit boolean mask (True = attend) for packed, padded or cached sequences.
+- ``causal_mask`` / ``block_causal_mask`` / ``KVCache``: masks and the explicit decoding state.
+- ``swiglu``: Llama's gated MLP.
+- ``chunked_cross_entropy``: the loss over the output projection in chunks of tokens, each chunk
+  recomputed in backward, so a (tokens x vocab) logits tensor never exists whole.
+
+Shapes: B batch, T query length, S key length, H heads, K kv heads, Dh head dim, D model dim.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from purefine.errors import ConfigError
+
+IGNORE_INDEX = -100
+
+
+def linear(x: torch.Tensor, w: Any, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., in) @ w (out, in)ᵀ + bias -> (..., out). ``w`` is a tensor or a leaf kind."""
+    if isinstance(w, torch.Tensor):
+        return F.linear(x, w, bias)
+    return w.linear(x, bias)
+
+
+def embedding(tokens: torch.Tensor, w: Any) -> torch.Tensor:
+    """tokens (B, T) int -> (B, T, D) rows of w (V, D)."""
+    if not isinstance(w, torch.Tensor):
+        embed = getattr(w, "embed", None)
+        if embed is not None:
+            return embed(tokens)
+        w = w.dense()
+    return F.embedding(tokens, w)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x (..., D) normalized by its root mean square in float32, scaled by weight (D,)."""
+    dtype = x.dtype
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> torch.Tensor:
+    """Inverse frequencies (Dh/2,) float32, with optional ``linear`` or ``llama3`` scaling.
+
+    ``scaling`` is the Hugging Face ``rope_scaling`` / ``rope_parameters`` dict.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if kind == "default":
+        return inv_freq
+    if kind == "linear":
+        return inv_freq / float(scaling["factor"])
+    if kind == "llama3":
+        return _llama3_inv_freq(inv_freq, scaling)
+    raise ConfigError(f"rope_scaling.rope_type: expected one of default, linear, llama3; found {kind!r}")
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
+    factor, low, high = float(s["factor"]), float(s["low_freq_factor"]), float(s["high_freq_factor"])
+    old_len = float(s["original_max_position_embeddings"])
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions (B, T) -> cos, sin (B, T, Dh), computed in float32 and cast to ``dtype``."""
+    freqs = positions[..., None].float() * inv_freq.to(positions.device)[None, None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, H, T, Dh) rotated in the half-split layout; cos, sin (B, T, Dh)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+def causal_mask(t: int, s: int, *, offset: int = 0, device: torch.device | str | None = None) -> torch.Tensor:
+    """(T, S) bool: query i (at absolute position offset + i) attends keys j <= offset + i."""
+    q = torch.arange(t, device=device)[:, None] + offset
+    return torch.arange(s, device=device)[None, :] <= q
+
+
+def block_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """segment_ids (B, T) -> (B, 1, T, T) bool: causal, and only within the same segment (packing)."""
+    t = segment_ids.shape[-1]
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return (same & causal_mask(t, t, device=segment_ids.device))[:, None]
+
+
+def padded_causal_mask(key_padding: torch.Tensor, t: int, *, offset: int = 0) -> torch.Tensor:
+    """key_padding (B, S) bool (True = real token) -> (B, 1, T, S) causal mask over real keys.
+
+    Each query also attends to its own position, so a padding query never has an empty row
+    (an all-masked row makes SDPA return NaN, which would then leak through 0 * NaN).
+    """
+    s = key_padding.shape[-1]
+    causal = causal_mask(t, s, offset=offset, device=key_padding.device)
+    own = torch.arange(s, device=key_padding.device)[None, :] == (torch.arange(t, device=key_padding.device)[:, None] + offset)
+    return ((causal[None] & key_padding[:, None, :]) | own[None])[:, None]
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.Tensor | None = None, scale: float | None = None
+) -> torch.Tensor:
+    """q (B, H, T, Dh), k and v (B, K, S, Dh) with H % K == 0 -> (B, H, T, Dh).
+
+    ``mask`` None means causal; otherwise a boolean mask broadcastable to (B, H, T, S), True = attend.
+    """
+    gqa = q.shape[1] != k.shape[1]
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, scale=scale, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+
+
+def swiglu(x: torch.Tensor, gate: Any, up: Any, down: Any) -> torch.Tensor:
+    """x (..., D) -> down(silu(gate(x)) * up(x)) (..., D)."""
+    return linear(F.silu(linear(x, gate)) * linear(x, up), down)
+
+
+@dataclass(frozen=True)
+class KVCache:
+    """Decoding state: per-layer key and value buffers (B, K, S_max, Dh) and the filled length.
+
+    ``update`` writes into the preallocated buffers in place (the one documented exception to
+    purity, as in every KV cache) and the model returns the cache with ``length`` advanced.
+    """
+
+    keys: tuple[torch.Tensor, ...]
+    values: tuple[torch.Tensor, ...]
+    length: int = 0
+
+    @staticmethod
+    def empty(layers: int, batch: int, kv_heads: int, max_len: int, head_dim: int, *, dtype: torch.dtype, device: Any = None) -> KVCache:
+        """Zeroed buffers for ``layers`` layers and up to ``max_len`` positions."""
+        shape = (batch, kv_heads, max_len, head_dim)
+        make = lambda: torch.zeros(shape, dtype=dtype, device=device)  # noqa: E731
+        return KVCache(tuple(make() for _ in range(layers)), tuple(make() for _ in range(layers)), 0)
+
+    @property
+    def max_len(self) -> int:
+        return self.keys[0].shape[2]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, K, T, Dh) at [length, length + T); return keys, values up to length + T."""
+        end = self.length + k.shape[2]
+        if end > self.max_len:
+            raise ConfigError(f"KV cache: {end} positions needed, the cache holds {self.max_len}")
+        self.keys[layer][:, :, self.length : end] = k
+        self.values[layer][:, :, self.length : end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def advance(self, t: int) -> KVCache:
+        return KVCache(self.keys, self.values, self.length + t)
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits (N, V), labels (N,) -> (summed loss in float32, number of labels != -100)."""
+    loss = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss, (labels != IGNORE_INDEX).sum()
+
+
+def _chunk_loss(h: torch.Tensor, w: Any, labels: torch.Tensor) -> torch.Tensor:
+    return cross_entropy(linear(h, w), labels)[0]
+
+
+def chunked_cross_entropy(
+    h: torch.Tensor, w: Any, labels: torch.Tensor, *, chunk_size: int = 1024
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """h (N, D) hidden states, w (V, D) output weight, labels (N,) -> (loss sum, label count).
+
+    The 2-D hidden states are chunked *before* the output projection (slicing a 3-D activation
+    per chunk would copy a frozen bf16 weight each time on CPU), and each chunk's logits are
+    recomputed in backward instead of saved, so at most one (chunk x V) logits block is alive.
+    """
+    if h.dim() != 2:
+        raise ValueError(f"chunked_cross_entropy: expected 2-D hidden states (N, D), got {tuple(h.shape)}")
+    n = h.shape[0]
+    count = (labels != IGNORE_INDEX).sum()
+    if n <= chunk_size:
+        return _chunk_loss(h, w, labels), count
+    total = h.new_zeros((), dtype=torch.float32)
+    for start in range(0, n, chunk_size):
+        sl = slice(start, start + chunk_size)
+        if not (labels[sl] != IGNORE_INDEX).any():
+            continue
+        if torch.is_grad_enabled():
+            total = total + checkpoint(_chunk_loss, h[sl], w, labels[sl], use_reentrant=False)
+        else:
+            total = total + _chunk_loss(h[sl], w, labels[sl])
+    return total, count
