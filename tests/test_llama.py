@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 import purefine as pf
 from purefine.errors import ConfigError
+from purefine.models.module import as_function
 from tests.conftest import make_hf_llama
 
 
@@ -136,7 +137,7 @@ def test_functional_call_bridge_runs_transformers_over_purefine_params(tmp_path)
     params = pf.models.init(cfg, seed=9)  # different weights than the module holds
     tokens = torch.randint(0, cfg.vocab_size, (2, 6))
     with torch.no_grad():
-        ref = pf.models.module.as_function(model)(params, tokens).logits
+        ref = as_function(model)(params, tokens).logits
         out = pf.models.forward(cfg, params, tokens)
         own = model(tokens).logits
     assert (out - ref).abs().max().item() < 1e-4
