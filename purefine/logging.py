@@ -1,0 +1,168 @@
+"""Metrics sinks for training runs: stdout, JSONL, TensorBoard, Weights & Biases, a progress bar
+and a loss-curve PNG, plus the memory and throughput readings they report.
+
+- ``peak_memory_bytes()``: peak resident memory of this process (CPU) or peak CUDA allocation.
+- ``MetricsLogger``: ``log(step, metrics)`` appends a JSON line per step, prints a line every
+  ``every`` steps, feeds TensorBoard / W&B when asked (and installed), advances a progress bar
+  (tqdm when installed); ``close()`` writes ``loss.png`` when matplotlib is installed.
+
+Optional packages are imported only when asked for; asking for one that is missing is an error
+that says which extra to install.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from purefine.errors import ConfigError
+
+
+def peak_memory_bytes(device: torch.device | str | None = None) -> int:
+    """Peak memory so far: CUDA max allocated on a GPU, else the process's peak resident set (VmHWM)."""
+    if device is not None and torch.device(device).type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def format_bytes(n: float) -> str:
+    """1536 -> '1.5KiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f}{unit}" if unit != "B" else f"{int(n)}B"
+        n /= 1024
+    return str(n)
+
+
+def format_metrics(step: int, total: int | None, metrics: dict[str, Any]) -> str:
+    """One stdout line: ``step 10/100 | loss 2.3456 | lr 3.0e-04 | grad_norm 0.91 | tok/s 1234 | mem 1.2GiB``."""
+    parts = [f"step {step}" + (f"/{total}" if total else "")]
+    for key, fmt in (("loss", "{:.4f}"), ("eval_loss", "{:.4f}"), ("lr", "{:.2e}"), ("grad_norm", "{:.3f}"),
+                     ("tokens_per_s", "{:.0f}")):
+        if key in metrics and metrics[key] is not None:
+            parts.append(f"{key.replace('tokens_per_s', 'tok/s')} {fmt.format(metrics[key])}")
+    if "peak_memory" in metrics:
+        parts.append(f"mem {format_bytes(metrics['peak_memory'])}")
+    return " | ".join(parts)
+
+
+def _require(module: str, extra: str) -> Any:
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ConfigError(f"{module} is not installed: pip install 'purefine[{extra}]' (or pip install {module})") from None
+
+
+class MetricsLogger:
+    """Fan metrics out to the sinks a run asked for. Use as a context manager or call ``close``."""
+
+    def __init__(self, output_dir: str | Path, *, every: int = 10, total_steps: int | None = None,
+                 tensorboard: bool = False, wandb: bool = False, wandb_project: str = "purefine",
+                 progress: bool = True, plot: bool = True, config: dict | None = None, quiet: bool = False):
+        self.dir = Path(output_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.every, self.total, self.plot, self.quiet = max(1, every), total_steps, plot, quiet
+        self.history: list[dict[str, Any]] = []
+        self.jsonl = open(self.dir / "metrics.jsonl", "a", buffering=1)
+        self.tb = _require("torch.utils.tensorboard", "logging").SummaryWriter(str(self.dir / "tensorboard")) if tensorboard else None
+        self.wandb = None
+        if wandb:
+            wb = _require("wandb", "logging")
+            self.wandb = wb.init(project=wandb_project, dir=str(self.dir), config=config or {})
+        self.bar = self._progress_bar() if progress and not quiet else None
+        self.started = time.perf_counter()
+
+    def _progress_bar(self) -> Any:
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            return None
+        return tqdm(total=self.total, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True, leave=False)
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        """Record ``metrics`` for ``step`` in every sink (stdout every ``every`` steps and at the end)."""
+        row = {"step": step, "time": round(time.perf_counter() - self.started, 3), **metrics}
+        self.history.append(row)
+        self.jsonl.write(json.dumps(row) + "\n")
+        scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=step)
+        if self.bar is not None:
+            self.bar.update(1)
+            if "loss" in metrics:
+                self.bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+        if not self.quiet and (step % self.every == 0 or step == self.total or step == 1):
+            self.write(format_metrics(step, self.total, metrics))
+
+    def write(self, line: str) -> None:
+        """Print a line without breaking the progress bar."""
+        if self.quiet:
+            return
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stdout)
+        else:
+            print(line, flush=True)
+
+    def plot_loss(self) -> Path | None:
+        """Write loss.png (train loss, and eval loss when logged); None without matplotlib."""
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return None
+        train = [(r["step"], r["loss"]) for r in self.history if "loss" in r]
+        evals = [(r["step"], r["eval_loss"]) for r in self.history if "eval_loss" in r]
+        if not train:
+            return None
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(*zip(*train), label="train loss")
+        if evals:
+            ax.plot(*zip(*evals), "o-", label="eval loss")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.legend()
+        fig.tight_layout()
+        path = self.dir / "loss.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return path
+
+    def close(self) -> None:
+        """Flush and close every sink; plot the loss curve."""
+        if self.bar is not None:
+            self.bar.close()
+        if self.plot:
+            self.plot_loss()
+        self.jsonl.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+    def __enter__(self) -> MetricsLogger:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -1,0 +1,178 @@
+"""The training step as a pure function: ``step(state, batch) -> (state, metrics)``.
+
+- ``TrainState``: everything a run needs to continue — step, params, optimizer state, RNG state
+  and data position.
+- ``value_and_grad(fn, trainable)``: gradients of ``fn(params, ...)`` with respect to the leaves a
+  ``(path, tensor) -> bool`` filter selects, through ``torch.autograd.grad`` (not torch.func,
+  which keeps activations alive and breaks activation checkpointing).
+- ``make_step(loss_fn, optimizer, ...)``: gradient accumulation over micro-batches normalized by
+  the number of labelled tokens in all of them (so k micro-batches equal one large batch),
+  gradient clipping, a compute dtype (fp32 or bf16 over fp32 master weights), an optional
+  skip of non-finite steps, and hooks through which data parallelism syncs token counts and
+  gradients.
+
+    opt = pf.optim.adamw(pf.schedules.warmup_cosine(3e-4, warmup=10, total=100))
+    state = pf.train.init(params, opt, trainable=pf.lora.trainable, seed=0)
+    step = pf.train.make_step(pf.models.loss_fn(cfg, remat=True), opt, trainable=pf.lora.trainable, clip_norm=1.0)
+    for batch in batches:
+        state, metrics = step(state, batch)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from purefine import optim, tree
+from purefine.errors import ConfigError
+
+Batch = dict[str, torch.Tensor]
+LossFn = Callable[[Any, Batch], tuple[torch.Tensor, torch.Tensor]]
+Filter = Callable[[str, Any], bool]
+
+
+def all_floating(path: str, x: Any) -> bool:
+    """The full fine-tuning filter: every floating-point tensor is trainable."""
+    return isinstance(x, torch.Tensor) and x.is_floating_point()
+
+
+@dataclass(frozen=True)
+class TrainState:
+    """What resume needs: ``step``, ``params`` (the whole tree), ``opt_state`` (for the trainable
+    leaves only), ``rng`` (the CPU generator state that dropout draws from) and ``data_position``
+    (the sampler's JSON-serializable position, kept by the recipe)."""
+
+    step: int
+    params: Any
+    opt_state: Any
+    rng: torch.Tensor
+    data_position: dict | None = None
+
+    def replace(self, **changes: Any) -> TrainState:
+        return dataclasses.replace(self, **changes)
+
+
+def trainable_leaves(params: Any, trainable: Filter) -> dict[str, torch.Tensor]:
+    """{path: tensor} of the leaves ``trainable`` selects, in flattening order."""
+    return dict(tree.filtered(params, trainable))
+
+
+def with_leaves(params: Any, leaves: dict[str, torch.Tensor]) -> Any:
+    """``params`` with the tensors at ``leaves``' paths replaced (a new tree)."""
+    return tree.map_with_path(lambda p, x: leaves.get(p, x), params)
+
+
+def init(params: Any, optimizer: optim.Optimizer, *, trainable: Filter = all_floating, seed: int = 0,
+         copy: bool = True) -> TrainState:
+    """A fresh TrainState: optimizer state for the trainable leaves, RNG seeded with ``seed``.
+
+    The fused optimizer updates the state's trainable buffers in place (the one documented
+    exception to purity: a state is consumed by the step that advances it). ``copy=True`` gives
+    the state its own copies of the trainable leaves so ``params`` stays untouched; a recipe
+    that owns ``params`` passes ``copy=False`` to save the memory of a second copy.
+    """
+    leaves = trainable_leaves(params, trainable)
+    if not leaves:
+        raise ConfigError("train.init: the trainable filter selects no tensor")
+    if copy:
+        leaves = {p: x.detach().clone() for p, x in leaves.items()}
+        params = with_leaves(params, leaves)
+    rng = torch.Generator().manual_seed(seed).get_state()
+    return TrainState(0, params, optimizer.init(leaves), rng)
+
+
+def value_and_grad(fn: Callable[..., Any], trainable: Filter, *, has_aux: bool = False) -> Callable[..., Any]:
+    """``g(params, *args) -> (fn(params, *args), {path: grad})`` over the trainable leaves.
+
+    ``fn`` returns a scalar (or ``(scalar, aux)`` with ``has_aux``). Leaves that do not reach the
+    output get zero gradients.
+    """
+
+    def g(params: Any, *args: Any) -> tuple[Any, dict[str, torch.Tensor]]:
+        leaves = {p: x.detach().requires_grad_() for p, x in trainable_leaves(params, trainable).items()}
+        out = fn(with_leaves(params, leaves), *args)
+        value = out[0] if has_aux else out
+        grads = torch.autograd.grad(value, list(leaves.values()), allow_unused=True)
+        return out, {p: torch.zeros_like(x) if gr is None else gr for (p, x), gr in zip(leaves.items(), grads)}
+
+    return g
+
+
+def cast_params(params: Any, dtype: torch.dtype | None) -> Any:
+    """Params prepared for compute in ``dtype``: float tensors cast (differentiably), leaf kinds
+    through their ``astype``; a no-op for tensors already in ``dtype``."""
+    if dtype is None:
+        return params
+
+    def cast(x: Any) -> Any:
+        if tree.is_kind(x):
+            return x.astype(dtype) if hasattr(x, "astype") else x
+        return x.to(dtype) if x.is_floating_point() else x
+
+    return tree.map(cast, params, is_leaf=tree.is_leaf)
+
+
+def _count(batch: Batch) -> torch.Tensor:
+    return (batch["labels"] != -100).sum()
+
+
+def make_step(
+    loss_fn: LossFn, optimizer: optim.Optimizer, *, trainable: Filter = all_floating, clip_norm: float | None = None,
+    compute_dtype: torch.dtype | None = None, skip_nonfinite: bool = False,
+    sync_count: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    sync_grads: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+) -> Callable[[TrainState, Batch | Sequence[Batch]], tuple[TrainState, dict[str, float]]]:
+    """Build ``step(state, batch_or_micro_batches) -> (new_state, metrics)``.
+
+    A list of micro-batches is one optimizer step with gradients accumulated; the loss is the
+    sum of token losses over all of them divided by their total labelled-token count.
+    ``sync_count`` / ``sync_grads`` all-reduce across data-parallel ranks. With
+    ``skip_nonfinite`` a step whose loss or gradient norm is not finite leaves params and
+    optimizer state unchanged (``metrics['skipped'] = 1``). Metrics: loss, tokens, grad_norm,
+    skipped.
+    """
+    grad_fn = value_and_grad(lambda p, b, total: _scaled_loss(loss_fn, cast_params(p, compute_dtype), b, total),
+                             trainable, has_aux=True)
+
+    def step(state: TrainState, batch: Batch | Sequence[Batch]) -> tuple[TrainState, dict[str, float]]:
+        micro = [batch] if isinstance(batch, dict) else list(batch)
+        total = sum((_count(b) for b in micro), torch.zeros((), dtype=torch.long))
+        total = sync_count(total) if sync_count is not None else total
+        loss, grads = torch.zeros((), dtype=torch.float32), None
+        with torch.random.fork_rng(devices=[]):
+            torch.set_rng_state(state.rng)
+            for b in micro:
+                (scaled, _), g = grad_fn(state.params, b, total)
+                loss = loss + scaled.detach().float()
+                grads = g if grads is None else {p: grads[p].add_(g[p]) for p in grads}
+            rng = torch.get_rng_state()
+        if sync_grads is not None:
+            grads = sync_grads(grads)
+        norm = optim.global_norm(grads)
+        loss_value, norm_value = float(loss), float(norm)
+        metrics = {"loss": loss_value, "tokens": int(total), "grad_norm": norm_value, "skipped": 0}
+        if skip_nonfinite and not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+            return state.replace(step=state.step + 1, rng=rng), metrics | {"skipped": 1}
+        if clip_norm is not None:
+            grads = _clip(grads, norm, clip_norm)
+        leaves = trainable_leaves(state.params, trainable)
+        new_leaves, opt_state = optimizer.update(grads, state.opt_state, leaves)
+        params = with_leaves(state.params, new_leaves)
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng), metrics
+
+    return step
+
+
+def _scaled_loss(loss_fn: LossFn, params: Any, batch: Batch, total: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    loss_sum, n = loss_fn(params, batch)
+    return loss_sum / total.clamp(min=1).to(loss_sum.device), n
+
+
+def _clip(grads: dict[str, torch.Tensor], norm: torch.Tensor, max_norm: float) -> dict[str, torch.Tensor]:
+    factor = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    return {p: g * factor.to(g.dtype) for p, g in grads.items()}
