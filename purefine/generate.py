@@ -12,6 +12,7 @@
   sampling with a seeded ``torch.Generator``, in the order Hugging Face applies them.
 - ``generate(cfg, params, prompts, ...)``: batched generation with stopping on eos ids or on stop
   strings (given a ``decode`` function); returns the new tokens of each prompt.
+- ``cast_params`` / ``activation_dtype``: the compute dtype (tensor leaves cast, leaf kinds ``astype``).
 - ``bench_generate()``: decode throughput on random weights, for scripts/bench.py.
 
 Any params tree works, leaf kinds included (LoRA, NF4): every weight goes through ``ops.linear``.
@@ -185,9 +186,9 @@ def _is_done(new: list[int], eos_ids: frozenset[int], stop: Sequence[str],
     return False
 
 
-def _reference_leaf(params: dict) -> Any:
-    """The embedding weight (a tensor or leaf kind): it decides the activations' dtype and device."""
-    return params["model"]["embed_tokens"]["weight"]
+def activation_dtype(cfg: Any, params: dict) -> torch.dtype:
+    """The dtype the model computes in (that of its output weight, a tensor or leaf kind): the KV cache's dtype."""
+    return models.output_weight(cfg, params).dtype
 
 
 def _first_tensor(params: dict) -> torch.Tensor:
@@ -195,9 +196,12 @@ def _first_tensor(params: dict) -> torch.Tensor:
 
 
 def cast_params(params: dict, dtype: torch.dtype) -> dict:
-    """Floating tensor leaves cast to ``dtype``; leaf kinds (LoRA, NF4) are left as they are."""
+    """Floating tensor leaves cast to ``dtype``; leaf kinds prepared with their ``astype(dtype)`` when they
+    have one (LoRA casts base, A and B; NF4 dequantizes into ``dtype``), else left as they are."""
     def cast(x: Any) -> Any:
-        return x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+        if isinstance(x, torch.Tensor):
+            return x.to(dtype) if x.is_floating_point() else x
+        return x.astype(dtype) if hasattr(x, "astype") else x
 
     return tree.map(cast, params, is_leaf=tree.is_leaf)
 
@@ -222,16 +226,16 @@ def generate(cfg: Any, params: dict, prompts: list[list[int]], *, max_new_tokens
     each row equals its unpadded generation. A row stops after a token in ``eos_ids`` (included in
     its output) or once ``decode(new tokens)`` contains a stop string (the tokens that complete it
     are included; ``trim_stop`` cuts the text). ``dtype`` casts the tensor leaves (the activation
-    and KV-cache dtype); by default the embedding's dtype is kept.
+    and KV-cache dtype); by default the params' own dtype is kept.
     """
     _check_options(max_new_tokens, stop, decode)
     check_sampling(temperature, top_k, top_p)
     if dtype is not None:
         params = cast_params(params, dtype)
-    ref = _reference_leaf(params)
     device = _first_tensor(params).device
     tokens, mask = left_pad(prompts, device=device)
-    cache = models.new_cache(cfg, len(prompts), tokens.shape[1] + max_new_tokens, dtype=ref.dtype, device=device)
+    cache = models.new_cache(cfg, len(prompts), tokens.shape[1] + max_new_tokens,
+                             dtype=activation_dtype(cfg, params), device=device)
     logits, state = prefill(cfg, params, tokens, mask, cache)
     generator = torch.Generator(device=device).manual_seed(seed)
     outputs: list[list[int]] = [[] for _ in prompts]

@@ -45,6 +45,14 @@ def test_greedy_single_prompt_equals_transformers(hf_pair):
         assert ours == hf_generate(model, [prompt], 10)
 
 
+def test_greedy_with_tied_embeddings_equals_transformers(tmp_path):
+    model = make_hf_llama(tmp_path / "tied", seed=2, tie_word_embeddings=True)
+    model.generation_config.eos_token_id = None
+    cfg, params = pf.checkpoint.load_hf(tmp_path / "tied")
+    assert cfg.tie_word_embeddings and "lm_head" not in params
+    assert G.generate(cfg, params, PROMPTS, max_new_tokens=8) == hf_generate(model, PROMPTS, 8)
+
+
 def test_greedy_left_padded_batch_equals_transformers_and_unpadded(hf_pair):
     model, cfg, params = hf_pair
     ours = G.generate(cfg, params, PROMPTS, max_new_tokens=10)
