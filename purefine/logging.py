@@ -94,6 +94,8 @@ class MetricsLogger:
             from tqdm import tqdm
         except ImportError:
             return None
+        if not sys.stderr.isatty():
+            return None  # a log file gets the periodic metric lines, not a redrawn bar
         return tqdm(total=self.total, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True, leave=False)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:

@@ -55,13 +55,16 @@ def parse(config_type: type[T], args: Sequence[str] | None = None, *, default: T
 
 
 def run(main: Callable[[T], Any], config_type: type[T], args: Sequence[str] | None = None, *,
-        default: T | None = None, description: str | None = None) -> Any:
-    """Parse ``config_type`` from the command line and call ``main``; purefine errors exit 2."""
+        default: T | None = None, description: str | None = None,
+        parse: Callable[[list[str]], T] | None = None) -> Any:
+    """Parse ``config_type`` from the command line (or with ``parse(args)``) and call ``main``;
+    purefine errors, in parsing or in the run, print one line and exit 2."""
     args = list(sys.argv[1:] if args is None else args)
     debug = "--debug" in args or os.environ.get("PUREFINE_DEBUG") == "1"
     args = [a for a in args if a != "--debug"]
-    cfg = parse(config_type, args, default=default, description=description)
     try:
+        cfg = parse(args) if parse is not None else globals()["parse"](config_type, args, default=default,
+                                                                           description=description)
         return main(cfg)
     except PurefineError as e:
         if debug:
