@@ -1,0 +1,317 @@
+"""LoRA and DoRA as a parameter transform: wrap targeted weights in a ``LoRA`` leaf, train its adapters.
+
+A short tour::
+
+    import purefine as pf
+    params = pf.lora.apply(params, rank=8, alpha=16, where=["q_proj", "v_proj"], seed=0)
+    params["model"]["layers"][0]["self_attn"]["q_proj"]["weight"]
+    # LoRA(base=<(out, in) tensor or NF4 leaf>, lora_a=(8, in), lora_b=(out, 8), magnitude=None, ...)
+    trainable, frozen = pf.tree.partition(params, pf.lora.trainable)   # only lora_a / lora_b
+    logits = pf.models.forward(cfg, params, tokens)                     # the model never knows
+    merged = pf.lora.merge(params)                                      # plain tensors again
+
+**Nothing in the model changes.** ``ops.linear(x, w)`` calls ``w.linear(x)`` for any leaf kind, and a
+``LoRA`` leaf computes on the activation side, ``x Wᵀ + s·(dropout(x) Aᵀ) Bᵀ``, never ``x (W + s·BA)ᵀ``
+(the merged form costs a full weight-gradient matmul and a merged copy of each weight).
+
+**Paths.** A leaf's tensors flatten below the weight it replaces; these names are the trainable filter:
+
+    model.layers.0.self_attn.q_proj.weight.base       the frozen weight (``.base.<child>`` when NF4)
+    model.layers.0.self_attn.q_proj.weight.lora_a     A (rank, in): Kaiming-uniform, a=√5 (as PEFT)
+    model.layers.0.self_attn.q_proj.weight.lora_b     B (out, rank): zeros, so training starts at W
+    model.layers.0.self_attn.q_proj.weight.magnitude  DoRA only: m (out,), the row norms of W
+
+**Scale** s = alpha / rank, or alpha / √rank with ``rslora=True``. **Dropout** on the adapter's input
+runs only while gradients are enabled (training), from torch's global RNG, so the train step seeds
+it and ``torch.utils.checkpoint`` replays it.
+
+**DoRA** (``dora=True``) follows PEFT exactly: ``W' = m · (W + s·BA) / ‖W + s·BA‖`` per output row, the
+norm computed without gradient (the DoRA paper, section 4.3), on the activation side:
+``y = (m/‖·‖) ⊙ (x Wᵀ + s·(x Aᵀ) Bᵀ) + bias``; with dropout active, PEFT's
+``y = x Wᵀ + bias + (m/‖·‖ − 1) ⊙ x̃ Wᵀ + (m/‖·‖) ⊙ s·(x̃ Aᵀ) Bᵀ`` with x̃ = dropout(x).
+The base may be any leaf kind: ``LoRA(base=NF4(...))`` is QLoRA, and with ``dora=True`` QDoRA;
+this module only calls ``ops.linear`` and ``dense`` on it.
+
+Adapters are created seeded per path (a generator from ``seed`` and the path name), so every process
+makes the same adapters, and in float32 when the base is half precision (PEFT's default); they are
+cast to the activation dtype inside ``linear``, so gradients arrive in the adapters' own dtype.
+Apply LoRA before sharding: the adapters are created on the base's device as plain tensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import optree
+import torch
+import torch.nn.functional as F
+
+from purefine import ops, tree
+from purefine.errors import ConfigError
+
+ADAPTER_CHILDREN = ("lora_a", "lora_b", "magnitude")
+DEFAULT_TARGETS = ("q_proj", "v_proj")
+KNOWN_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
+ALL_LINEAR = "all-linear"  # every attention and MLP projection (not lm_head), as PEFT's "all-linear"
+
+ERR_RANK = "lora rank: expected a positive integer, found {!r}"
+ERR_NO_MATCH = "lora target {!r} matches no weight in the params (weights look like {})"
+ERR_TIED = ("lora target {!r} asks for lm_head, but this model ties lm_head to model.embed_tokens.weight "
+            "(tie_word_embeddings=true), so the params hold no separate lm_head.weight; LoRA on a tied "
+            "lm_head is not supported: drop lm_head from the targets or untie the embeddings")
+ERR_NOT_2D = "lora target {!r}: {} has shape {}, expected a 2-D (out, in) weight"
+ERR_EMBED = "lora target {!r}: {} is an embedding table; LoRA targets linear layers (q/k/v/o, gate/up/down, lm_head)"
+ERR_TWICE = "lora target {!r}: {} already has a LoRA adapter"
+
+
+@dataclass(frozen=True)
+class LoRA:
+    """A frozen weight (out, in) with a low-rank adapter, and for DoRA a magnitude vector.
+
+    ``base`` is a tensor or another leaf kind (NF4); ``lora_a`` (r, in), ``lora_b`` (out, r),
+    ``magnitude`` (out,) or None. ``alpha``, ``rslora`` and ``dropout`` are static (optree aux data).
+    """
+
+    base: Any
+    lora_a: torch.Tensor
+    lora_b: torch.Tensor
+    magnitude: torch.Tensor | None = None
+    alpha: float = 16.0
+    rslora: bool = False
+    dropout: float = 0.0
+
+    @property
+    def rank(self) -> int:
+        return self.lora_a.shape[0]
+
+    @property
+    def scale(self) -> float:
+        """s = alpha / rank (rsLoRA: alpha / √rank)."""
+        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size(self.base.shape)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.base.dtype
+
+    @property
+    def is_dora(self) -> bool:
+        return self.magnitude is not None
+
+    def _adapter(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., in) -> (x Aᵀ) Bᵀ (..., out), without the scale; adapters cast to x's dtype."""
+        return F.linear(F.linear(x, self.lora_a.to(x.dtype)), self.lora_b.to(x.dtype))
+
+    def _dropout(self, x: torch.Tensor) -> torch.Tensor:
+        return F.dropout(x, self.dropout, training=True) if self.dropout > 0 and torch.is_grad_enabled() else x
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x (..., in) -> (..., out): x Wᵀ + s·(dropout(x) Aᵀ) Bᵀ + bias (DoRA: see the module doc)."""
+        if self.is_dora:
+            return self._dora_linear(x, bias)
+        return ops.linear(x, self.base, bias) + self.scale * self._adapter(self._dropout(x))
+
+    def weight_norm(self) -> torch.Tensor:
+        """‖W + s·BA‖ per output row (out,) in float32, without gradient (DoRA section 4.3)."""
+        with torch.no_grad():
+            w = self.base.float() if isinstance(self.base, torch.Tensor) else self.base.dense(torch.float32)
+            delta = self.lora_b.detach().float() @ self.lora_a.detach().float()
+            return torch.linalg.vector_norm(w + self.scale * delta, dim=1)
+
+    def _dora_linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        factor = (self.magnitude / self.weight_norm().to(self.magnitude.dtype)).to(x.dtype)  # (out,)
+        x_drop = self._dropout(x)
+        if x_drop is x:
+            y = factor * (ops.linear(x, self.base) + self.scale * self._adapter(x))
+            return y if bias is None else y + bias
+        dropped = (factor - 1) * ops.linear(x_drop, self.base) + factor * self.scale * self._adapter(x_drop)
+        return ops.linear(x, self.base, bias) + dropped
+
+    def astype(self, dtype: torch.dtype) -> LoRA:
+        """The leaf prepared for compute in ``dtype`` (differentiably): base, A and B cast (a leaf-kind
+        base through its own ``astype``); the DoRA magnitude keeps its dtype, the norm ratio is formed
+        in it and only the result is cast."""
+        base = self.base
+        if isinstance(base, torch.Tensor):
+            base = base.to(dtype) if base.is_floating_point() else base
+        elif hasattr(base, "astype"):
+            base = base.astype(dtype)
+        return LoRA(base, self.lora_a.to(dtype), self.lora_b.to(dtype), self.magnitude, self.alpha, self.rslora,
+                    self.dropout)
+
+    def dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The merged weight (out, in): W + s·BA, or for DoRA (m/‖W + s·BA‖) ⊙ (W + s·BA); differentiable."""
+        w = self.base.float() if isinstance(self.base, torch.Tensor) else self.base.dense(torch.float32)
+        merged = w + self.scale * (self.lora_b.float() @ self.lora_a.float())
+        if self.is_dora:
+            merged = (self.magnitude.float() / self.weight_norm())[:, None] * merged
+        return merged.to(dtype or self.dtype)
+
+
+tree.register_node(LoRA, ("base", "lora_a", "lora_b", "magnitude"), ("alpha", "rslora", "dropout"))
+
+
+def is_lora(x: Any) -> bool:
+    """True for a LoRA (or DoRA) leaf."""
+    return isinstance(x, LoRA)
+
+
+def trainable(path: str, leaf: Any) -> bool:
+    """The LoRA filter: true for adapter tensors (``...lora_a``, ``...lora_b``, DoRA ``...magnitude``)."""
+    return path.rsplit(".", 1)[-1] in ADAPTER_CHILDREN
+
+
+def trainable_with(include: str | None = None) -> tree.Filter:
+    """A filter true for the adapters and for any tensor whose path ``include`` matches in full.
+
+    ``trainable_with(r".*norm\\.weight")`` also trains the norms; ``trainable_with(".*")`` trains
+    every floating tensor (full fine-tuning of a plain or LoRA tree; non-floating tensors such as
+    packed codes are never selected, but do not use it on a quantized tree, whose scales are floats).
+    """
+    regex = re.compile(include) if include is not None else None
+
+    def keep(path: str, leaf: Any) -> bool:
+        if trainable(path, leaf):
+            return True
+        floating = isinstance(leaf, torch.Tensor) and leaf.is_floating_point()
+        return regex is not None and floating and regex.fullmatch(path) is not None
+
+    return keep
+
+
+def target_regex(where: str | Sequence[str]) -> str:
+    """The weight-path regex for ``where``: a regex (kept as is), ``"all-linear"``, or module names.
+
+    ``["q_proj", "v_proj"]`` -> ``(?:.*\\.)?(?:q_proj|v_proj)\\.weight``: any module of that name.
+    """
+    if isinstance(where, str):
+        if where != ALL_LINEAR:
+            return where
+        where = KNOWN_TARGETS[:-1]
+    names = list(where)
+    for name in names:
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][\w.]*", name):
+            raise ConfigError(f"lora target {name!r}: expected a module name such as {', '.join(KNOWN_TARGETS)}")
+    if not names:
+        raise ConfigError("lora targets: expected at least one module name, found an empty list")
+    return r"(?:.*\.)?(?:" + "|".join(re.escape(n) for n in names) + r")\.weight"
+
+
+def _named_regexes(where: str | Sequence[str]) -> list[tuple[str, str]]:
+    """[(what the user wrote, its regex)]: one per module name so each can fail alone."""
+    if isinstance(where, str):
+        return [(where, target_regex(where))]
+    return [(name, target_regex([name])) for name in where]
+
+
+def select_targets(params: tree.Tree, where: str | Sequence[str]) -> list[str]:
+    """The weight paths ``where`` selects, checked: each pattern must match, targets must be 2-D weights."""
+    leaves = dict(tree.leaves_with_paths(params, is_leaf=tree.is_leaf))
+    chosen: dict[str, None] = {}
+    for label, pattern in _named_regexes(where):
+        try:
+            regex = re.compile(pattern)
+        except re.error as e:
+            raise ConfigError(f"lora target {label!r}: not a valid regex ({e})") from None
+        found = [p for p in leaves if regex.fullmatch(p)]
+        if not found:
+            if regex.fullmatch("lm_head.weight") and "model.embed_tokens.weight" in leaves:
+                raise ConfigError(ERR_TIED.format(label))
+            example = next((p for p in leaves if p.endswith("_proj.weight")), next(iter(leaves), "<empty>"))
+            raise ConfigError(ERR_NO_MATCH.format(label, example))
+        for p in found:
+            _check_target(label, p, leaves[p])
+            chosen[p] = None
+    return list(chosen)
+
+
+def _check_target(label: str, path: str, leaf: Any) -> None:
+    if is_lora(leaf):
+        raise ConfigError(ERR_TWICE.format(label, path))
+    if "embed" in path.rsplit(".", 2)[-2]:
+        raise ConfigError(ERR_EMBED.format(label, path))
+    if len(leaf.shape) != 2:
+        raise ConfigError(ERR_NOT_2D.format(label, path, tuple(leaf.shape)))
+
+
+def path_seed(seed: int, path: str) -> int:
+    """A 63-bit seed from (seed, path), the same on every process and Python run."""
+    digest = hashlib.sha256(f"{seed}:{path}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def device_of(leaf: Any) -> torch.device:
+    """The device of a tensor, or of the first tensor inside a leaf kind."""
+    if isinstance(leaf, torch.Tensor):
+        return leaf.device
+    tensors = optree.tree_leaves(leaf, namespace=tree.NAMESPACE)
+    return tensors[0].device if tensors else torch.device("cpu")
+
+
+def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
+    """Adapters are at least float32 (PEFT's autocast_adapter_dtype): bf16/fp16 bases get fp32 adapters."""
+    return torch.promote_types(base_dtype, torch.float32) if base_dtype.is_floating_point else torch.float32
+
+
+def init_adapter(path: str, base: Any, *, rank: int, alpha: float, seed: int, rslora: bool, dropout: float,
+                 dora: bool, dtype: torch.dtype | None) -> LoRA:
+    """The LoRA leaf for one weight (out, in): A (rank, in) Kaiming-uniform from a per-path generator,
+    B (out, rank) zeros, DoRA magnitude (out,) = ‖W‖ per row."""
+    out_features, in_features = base.shape
+    device, dtype = device_of(base), dtype or adapter_dtype(base.dtype)
+    a = torch.empty(rank, in_features, dtype=torch.float32)
+    torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=torch.Generator().manual_seed(path_seed(seed, path)))
+    leaf = LoRA(base, a.to(device=device, dtype=dtype), torch.zeros(out_features, rank, dtype=dtype, device=device),
+                None, float(alpha), bool(rslora), float(dropout))
+    if dora:
+        leaf = LoRA(base, leaf.lora_a, leaf.lora_b, leaf.weight_norm().to(dtype), leaf.alpha, leaf.rslora, leaf.dropout)
+    return leaf
+
+
+def apply(params: tree.Tree, *, rank: int, alpha: float, where: str | Sequence[str] = DEFAULT_TARGETS,
+          dropout: float = 0.0, seed: int = 0, rslora: bool = False, dora: bool = False,
+          dtype: torch.dtype | None = None) -> tree.Tree:
+    """Wrap the weights ``where`` selects in LoRA leaves; returns a new tree (the input is untouched).
+
+    ``where``: a regex over weight paths (full match, e.g. ``r".*\\.(q|v)_proj\\.weight"``), a list of
+    module names (``["q_proj", "v_proj"]``, the default; any of q/k/v/o/gate/up/down_proj, lm_head),
+    or ``"all-linear"``. A pattern or name matching nothing, rank <= 0, dropout outside [0, 1) or a
+    tied lm_head raise ConfigError. ``dtype`` of the adapters defaults to float32 for half bases.
+    """
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
+        raise ConfigError(ERR_RANK.format(rank))
+    if not 0.0 <= float(dropout) < 1.0:
+        raise ConfigError(f"lora dropout: expected a probability in [0, 1), found {dropout!r}")
+    if not math.isfinite(float(alpha)) or float(alpha) <= 0:
+        raise ConfigError(f"lora alpha: expected a positive number, found {alpha!r}")
+    targets = set(select_targets(params, where))
+
+    def wrap(path: str, leaf: Any) -> Any:
+        if path not in targets:
+            return leaf
+        return init_adapter(path, leaf, rank=rank, alpha=alpha, seed=seed, rslora=rslora, dropout=dropout,
+                            dora=dora, dtype=dtype)
+
+    return tree.map_with_path(wrap, params, is_leaf=tree.is_leaf)
+
+
+def merge(params: tree.Tree, dtype: torch.dtype | None = None) -> tree.Tree:
+    """Replace every LoRA leaf by its merged weight (out, in) (an NF4 base is dequantized by its dense()).
+
+    Other leaves are kept as they are; the result has the dtype of each base unless ``dtype`` is given.
+    """
+    return tree.map(lambda x: x.dense(dtype) if is_lora(x) else x, params, is_leaf=tree.is_leaf)
+
+
+def adapters(params: tree.Tree) -> dict[str, LoRA]:
+    """{weight path: LoRA leaf} for every LoRA leaf of the tree, in flattening order."""
+    return {p: x for p, x in tree.leaves_with_paths(params, is_leaf=tree.is_leaf) if is_lora(x)}
+
