@@ -3,12 +3,15 @@
 - ``linear(x, w, bias)``: ``F.linear`` for a tensor weight; a leaf kind (LoRA, NF4) computes its own.
 - ``embedding(tokens, w)``: a row lookup; leaf kinds are densified first.
 - ``rms_norm``: Llama's RMSNorm, in float32 like Hugging Face's, cast back to the input dtype.
+- ``layer_norm``: LayerNorm with weight and bias (GPT-2, BERT).
 - ``rope_inv_freq`` / ``rope_cos_sin`` / ``apply_rope``: rotary embeddings in the HF half-split
   layout (``rotate_half``), with default, linear and Llama-3 frequency scaling.
 - ``attention``: scaled_dot_product_attention with grouped-query heads; causal by default, or an
   explicit boolean mask (True = attend) for packed, padded or cached sequences.
 - ``causal_mask`` / ``block_causal_mask`` / ``KVCache``: masks and the explicit decoding state.
-- ``swiglu``: Llama's gated MLP.
+- ``sliding_window_mask`` / ``window_mask``: Mistral's sliding window on top of any other mask.
+- ``swiglu``: Llama's gated MLP; ``activation`` / ``dense_mlp``: the up-act-down MLP of GPT-2 / BERT.
+- ``run_layers``: the layer loop with per-block activation checkpointing and the FSDP gather hook.
 - ``chunked_cross_entropy``: the loss over the output projection in chunks of tokens, each chunk
   recomputed in backward, so a (tokens x vocab) logits tensor never exists whole.
 
@@ -53,6 +56,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return weight * h.to(dtype)
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """x (..., D) centred and scaled by its standard deviation over D, then * weight (D,) + bias (D,)."""
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> torch.Tensor:
@@ -122,6 +130,29 @@ def padded_causal_mask(key_padding: torch.Tensor, t: int, *, offset: int = 0) ->
     return ((causal[None] & key_padding[:, None, :]) | own[None])[:, None]
 
 
+def sliding_window_mask(t: int, s: int, window: int, *, offset: int = 0,
+                        device: torch.device | str | None = None) -> torch.Tensor:
+    """(T, S) bool: causal, and query i (at offset + i) sees only keys j with offset + i - j < window.
+
+    The same band as Hugging Face's ``sliding_window_causal_mask_function`` (``kv > q - window``),
+    counted in sequence (cache) indices, not in position ids.
+    """
+    q = torch.arange(t, device=device)[:, None] + offset
+    k = torch.arange(s, device=device)[None, :]
+    return (k <= q) & (k > q - window)
+
+
+def window_mask(mask: torch.Tensor | None, window: int | None, t: int, *, offset: int = 0,
+                device: torch.device | str | None = None) -> torch.Tensor | None:
+    """A prepared attention mask (None = causal, or bool broadcastable to (B, H, T, S)) narrowed to a
+    sliding window over the S = offset + T keys; unchanged when the window covers every key."""
+    s = offset + t
+    if window is None or s <= window:
+        return mask
+    band = sliding_window_mask(t, s, window, offset=offset, device=device)
+    return band if mask is None else mask & band
+
+
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.Tensor | None = None, scale: float | None = None
 ) -> torch.Tensor:
@@ -138,6 +169,46 @@ def attention(
 def swiglu(x: torch.Tensor, gate: Any, up: Any, down: Any) -> torch.Tensor:
     """x (..., D) -> down(silu(gate(x)) * up(x)) (..., D)."""
     return linear(F.silu(linear(x, gate)) * linear(x, up), down)
+
+
+ACTIVATIONS: dict[str, Any] = {
+    "gelu": F.gelu,                                         # exact (erf), BERT's hidden_act
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),    # GPT-2's tanh approximation
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+    "silu": F.silu,
+}
+
+
+def activation(name: str, source: str = "config") -> Any:
+    """The elementwise function an HF ``hidden_act`` / ``activation_function`` names."""
+    if name not in ACTIVATIONS:
+        raise ConfigError(f"{source}: activation: expected one of {sorted(ACTIVATIONS)}, found {name!r}")
+    return ACTIVATIONS[name]
+
+
+def dense_mlp(x: torch.Tensor, up: Any, up_bias: torch.Tensor | None, down: Any, down_bias: torch.Tensor | None,
+              act: Any = F.gelu) -> torch.Tensor:
+    """x (..., D) -> down(act(up(x))) (..., D); up (F, D), down (D, F) with optional biases."""
+    return linear(act(linear(x, up, up_bias)), down, down_bias)
+
+
+def run_layers(block: Any, layers: list, x: torch.Tensor, *, remat: bool = False, gather: Any = None) -> torch.Tensor:
+    """x (B, T, D) through ``block(p, x, i) -> x`` for each layer's params ``p``.
+
+    ``remat=True`` recomputes each block in backward (activation checkpointing); ``gather(p)``
+    (FSDP) runs inside the checkpoint, so a layer's gathered weights are freed between uses.
+    """
+    for i, p in enumerate(layers):
+        if remat and torch.is_grad_enabled():
+            x = checkpoint(_run_block, block, gather, p, x, i, use_reentrant=False)
+        else:
+            x = _run_block(block, gather, p, x, i)
+    return x
+
+
+def _run_block(block: Any, gather: Any, p: Any, x: torch.Tensor, i: int) -> torch.Tensor:
+    return block(gather(p) if gather is not None else p, x, i)
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,10 @@
 - ``inspect(path)``: config, parameter count, dtypes and bytes, from headers alone.
 
 Only safetensors is read; pickled ``.bin`` checkpoints are refused.
+
+A family module may define three optional hooks for checkpoints whose files differ from its params:
+``checkpoint_name(cfg, file_name) -> params name | None`` (renames; None skips a tensor),
+``from_hf_tensor(name, t)`` and ``to_hf_tensor(name, t)`` (layout, e.g. GPT-2's transposed Conv1D).
 """
 
 from __future__ import annotations
@@ -156,6 +160,27 @@ def _group_by_file(names: list[str], index: Mapping[str, Path]) -> Iterator[tupl
         yield SafetensorsFile(file), group
 
 
+def _file_names(cfg: Any, index: Mapping[str, Path]) -> dict[str, str]:
+    """{params name: name in the checkpoint file}, through the family's optional ``checkpoint_name``."""
+    rename = getattr(models.family(cfg), "checkpoint_name", None)
+    if rename is None:
+        return {n: n for n in index}
+    names = {}
+    for n in index:
+        new = rename(cfg, n)
+        if new in names:
+            raise CheckpointError(f"checkpoint tensors {names[new]!r} and {n!r} both map to {new!r}")
+        if new is not None:
+            names[new] = n
+    return names
+
+
+def _layout(cfg: Any, hook_name: str, name: str, t: torch.Tensor) -> torch.Tensor:
+    """A tensor through the family's optional ``from_hf_tensor`` / ``to_hf_tensor`` hook."""
+    hook = getattr(models.family(cfg), hook_name, None)
+    return t if hook is None else hook(name, t)
+
+
 def load_hf(
     path: str | os.PathLike, *, dtype: torch.dtype | None = None, hook: Hook | None = None,
     device: Any = "cpu", quantize: str | None = None,
@@ -168,6 +193,8 @@ def load_hf(
     path = Path(path)
     cfg, _ = read_config(path)
     index = tensor_index(path)
+    source = _file_names(cfg, index)
+    index = {n: index[s] for n, s in source.items()}
     expected = _check_names(path, cfg, index)
     if quantize is not None:
         from purefine import nf4  # layer 2; imported only when asked for
@@ -176,11 +203,12 @@ def load_hf(
     flat: dict[str, Any] = {}
     for file, names in _group_by_file(list(expected), index):
         for name in names:
-            if file.shape(name) != tuple(expected[name]):
-                raise CheckpointError(f"{file.path}: tensor {name!r} has shape {list(file.shape(name))}, "
-                                      f"config.json implies {list(expected[name])}")
+            want = tuple(_layout(cfg, "to_hf_tensor", name, torch.empty(expected[name], device="meta")).shape)
+            if file.shape(source[name]) != want:
+                raise CheckpointError(f"{file.path}: tensor {source[name]!r} has shape {list(file.shape(source[name]))}, "
+                                      f"config.json implies {list(want)}")
         for name in names:
-            t = file.read(name)
+            t = _layout(cfg, "from_hf_tensor", name, file.read(source[name]))
             if dtype is not None and t.is_floating_point():
                 t = t.to(dtype)
             t = t.to(device)
@@ -229,7 +257,7 @@ def save_hf(
             for i in shard:
                 name, leaf = items[i]
                 t = leaf.dense(dtype) if tree.is_kind(leaf) else (leaf if dtype is None else leaf.to(dtype))
-                tensors[name] = t.detach().to("cpu").contiguous()
+                tensors[name] = _layout(cfg, "to_hf_tensor", name, t.detach().to("cpu")).contiguous()
                 weight_map[name] = file
             save_file(tensors, tmp / file, metadata={"format": "pt"})
             del tensors

@@ -16,6 +16,10 @@ from purefine.errors import ConfigError
 
 FAMILIES: dict[str, str] = {
     "llama": "purefine.models.llama",
+    "mistral": "purefine.models.mistral",
+    "qwen2": "purefine.models.qwen2",
+    "gpt2": "purefine.models.gpt2",
+    "bert": "purefine.models.bert",
 }
 
 

@@ -1,0 +1,383 @@
+"""BERT encoder as pure functions, with a sequence-classification head and the masked-LM head.
+
+- ``BertConfig``: the fields of Hugging Face's ``BertConfig`` plus ``head``: ``"classify"``
+  (``BertForSequenceClassification``) or ``"mlm"`` (``BertForMaskedLM``), read from
+  ``architectures`` in config.json.
+- ``PRESETS``: bert-base-uncased, bert-large-uncased (masked-LM, as published), bert-debug (tests).
+- ``hidden_states``: bidirectional post-norm encoder; ``token_type_ids`` and absolute learned
+  positions. ``forward`` gives class logits (B, C) or masked-LM logits (B, T, V).
+- ``loss_fn``: classification (labels (B,)) or masked-LM (labels (B, T), -100 = unmasked).
+- ``with_head``: swap heads (a pretrained masked-LM checkpoint -> a fresh classifier).
+- ``checkpoint_name``: reads legacy names (``LayerNorm.gamma``/``beta``, no ``bert.`` prefix) and
+  skips what a head does not use (next-sentence head, the pooler for masked-LM, tied copies).
+
+The forward is the eval-mode model: no dropout. Params layout (the names transformers saves)::
+
+    bert.embeddings.{word,position,token_type}_embeddings.weight   (V, D), (P, D), (types, D)
+    bert.embeddings.LayerNorm.{weight,bias}
+    bert.encoder.layer.{i}.attention.self.{query,key,value}.{weight,bias}
+    bert.encoder.layer.{i}.attention.output.{dense,LayerNorm}.{weight,bias}
+    bert.encoder.layer.{i}.intermediate.dense.{weight,bias}        (F, D)
+    bert.encoder.layer.{i}.output.{dense,LayerNorm}.{weight,bias}  (D, F)
+    classify: bert.pooler.dense.{weight,bias}, classifier.{weight,bias} (C, D)
+    mlm:      cls.predictions.transform.{dense,LayerNorm}.{weight,bias}, cls.predictions.bias (V,)
+              (the decoder weight is the word embedding: tied)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from purefine import ops
+from purefine.errors import ConfigError, DataError
+from purefine.models import llama
+
+HEADS = {"classify": "BertForSequenceClassification", "mlm": "BertForMaskedLM"}
+ARCHITECTURE_HEADS = {**{v: k for k, v in HEADS.items()}, "BertForPreTraining": "mlm"}
+PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
+ENCODER_PREFIXES = ("embeddings.", "encoder.", "pooler.")
+
+
+@dataclass(frozen=True)
+class BertConfig:
+    """A BERT architecture; field names are those of Hugging Face's ``BertConfig``."""
+
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    initializer_range: float = 0.02
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    classifier_dropout: float | None = None
+    pad_token_id: int | None = 0
+    tie_word_embeddings: bool = True
+    head: str = "mlm"
+    num_labels: int = 2
+    label_names: tuple[str, ...] | None = field(default=None)
+    problem_type: str | None = None
+
+    model_type: ClassVar[str] = "bert"
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                     "max_position_embeddings", "type_vocab_size", "num_labels"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                raise ConfigError(f"bert config: {name} must be a positive integer, found {getattr(self, name)!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(f"bert config: hidden_size ({self.hidden_size}) must be a multiple of "
+                              f"num_attention_heads ({self.num_attention_heads})")
+        if self.head not in HEADS:
+            raise ConfigError(f"bert config: head: expected one of {sorted(HEADS)}, found {self.head!r}")
+        if self.head == "mlm" and not self.tie_word_embeddings:
+            raise ConfigError("bert config: the masked-LM head needs tie_word_embeddings=true (its decoder is "
+                              "the word embedding), found false")
+        if self.problem_type is not None and self.problem_type not in PROBLEM_TYPES:
+            raise ConfigError(f"bert config: problem_type: expected one of {PROBLEM_TYPES}, found {self.problem_type!r}")
+        if self.label_names is not None and len(self.label_names) != self.num_labels:
+            raise ConfigError(f"bert config: {len(self.label_names)} label names for num_labels={self.num_labels}")
+        ops.activation(self.hidden_act, "bert config: hidden_act")
+
+    @property
+    def architecture(self) -> str:
+        """The transformers class of this head (``BertForSequenceClassification`` / ``BertForMaskedLM``)."""
+        return HEADS[self.head]
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def problem(self) -> str:
+        """The classification loss, by transformers' rule: regression for one label, else single-label."""
+        if self.problem_type is not None:
+            return self.problem_type
+        return "regression" if self.num_labels == 1 else "single_label_classification"
+
+    @property
+    def num_params(self) -> int:
+        """Parameter count, from shapes alone."""
+        return sum(torch.Size(s).numel() for s in param_shapes(self).values())
+
+    @classmethod
+    def from_hf(cls, d: dict, source: str = "config.json") -> BertConfig:
+        """Read a Hugging Face config dict; the head comes from ``architectures`` (default masked-LM)."""
+        arch = (d.get("architectures") or ["BertForMaskedLM"])[0]
+        if arch not in ARCHITECTURE_HEADS:
+            raise ConfigError(f"{source}: architectures: purefine's bert reads {sorted(ARCHITECTURE_HEADS)}, found {arch!r}")
+        if d.get("is_decoder") or d.get("add_cross_attention"):
+            raise ConfigError(f"{source}: is_decoder / add_cross_attention: purefine's bert is an encoder only")
+        if d.get("position_embedding_type", "absolute") != "absolute":
+            raise ConfigError(f"{source}: position_embedding_type: expected 'absolute', found {d['position_embedding_type']!r}")
+        names = {f.name for f in dataclasses.fields(cls)} - {"head", "label_names", "num_labels"}
+        kwargs = {k: d[k] for k in names if d.get(k) is not None}
+        id2label = d.get("id2label")
+        if isinstance(id2label, dict) and id2label:
+            kwargs["label_names"] = tuple(str(id2label.get(str(i), id2label.get(i))) for i in range(len(id2label)))
+            kwargs["num_labels"] = len(id2label)
+        elif d.get("num_labels") is not None:
+            kwargs["num_labels"] = d["num_labels"]
+        try:
+            return cls(**kwargs, head=ARCHITECTURE_HEADS[arch])
+        except TypeError as e:
+            raise ConfigError(f"{source}: {e}") from None
+
+    def to_hf(self, dtype: torch.dtype | None = None) -> dict:
+        """A Hugging Face ``config.json`` dict for the head's transformers class."""
+        d = {"architectures": [self.architecture], "model_type": self.model_type, **dataclasses.asdict(self)}
+        for key in ("head", "label_names", "num_labels"):
+            d.pop(key)
+        names = self.label_names or tuple(f"LABEL_{i}" for i in range(self.num_labels))
+        d["id2label"] = {str(i): n for i, n in enumerate(names)}
+        d["label2id"] = {n: i for i, n in enumerate(names)}
+        if dtype is not None:
+            d["torch_dtype"] = str(dtype).removeprefix("torch.")
+        return d
+
+
+PRESETS: dict[str, BertConfig] = {
+    "bert-base-uncased": BertConfig(),
+    "bert-large-uncased": BertConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                                     intermediate_size=4096),
+    "bert-debug": BertConfig(vocab_size=1024, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                             intermediate_size=128, max_position_embeddings=128, head="classify"),
+}
+
+
+def _linear_shapes(prefix: str, out: int, inp: int) -> dict[str, tuple[int, ...]]:
+    return {prefix + ".weight": (out, inp), prefix + ".bias": (out,)}
+
+
+def _norm_shapes(prefix: str, d: int) -> dict[str, tuple[int, ...]]:
+    return {prefix + ".weight": (d,), prefix + ".bias": (d,)}
+
+
+def param_shapes(cfg: BertConfig) -> dict[str, tuple[int, ...]]:
+    """{HF tensor name: shape} of the encoder and the config's head, in the order ``init`` creates them."""
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    e = "bert.embeddings."
+    shapes = {e + "word_embeddings.weight": (cfg.vocab_size, d), e + "position_embeddings.weight": (cfg.max_position_embeddings, d),
+              e + "token_type_embeddings.weight": (cfg.type_vocab_size, d), **_norm_shapes(e + "LayerNorm", d)}
+    for i in range(cfg.num_hidden_layers):
+        p = f"bert.encoder.layer.{i}."
+        for name in ("query", "key", "value"):
+            shapes.update(_linear_shapes(p + "attention.self." + name, d, d))
+        shapes.update(_linear_shapes(p + "attention.output.dense", d, d))
+        shapes.update(_norm_shapes(p + "attention.output.LayerNorm", d))
+        shapes.update(_linear_shapes(p + "intermediate.dense", f, d))
+        shapes.update(_linear_shapes(p + "output.dense", d, f))
+        shapes.update(_norm_shapes(p + "output.LayerNorm", d))
+    shapes.update(head_shapes(cfg))
+    return shapes
+
+
+def head_shapes(cfg: BertConfig) -> dict[str, tuple[int, ...]]:
+    """{HF tensor name: shape} of the head alone (pooler + classifier, or the masked-LM transform)."""
+    d = cfg.hidden_size
+    if cfg.head == "classify":
+        return {**_linear_shapes("bert.pooler.dense", d, d), **_linear_shapes("classifier", cfg.num_labels, d)}
+    return {**_linear_shapes("cls.predictions.transform.dense", d, d),
+            **_norm_shapes("cls.predictions.transform.LayerNorm", d), "cls.predictions.bias": (cfg.vocab_size,)}
+
+
+def _init_flat(cfg: BertConfig, shapes: dict, seed: int, dtype: torch.dtype, device: Any, hook: Any) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    flat = {}
+    for name, shape in shapes.items():
+        if "LayerNorm.weight" in name and str(device) != "meta":
+            t = torch.ones(shape, dtype=dtype, device=device)
+        else:  # N(0, std) matrices and embeddings, zero biases, empty on meta
+            t = llama.init_tensor(name, shape, cfg.initializer_range, gen, dtype, device)
+        if name.endswith("word_embeddings.weight") and cfg.pad_token_id is not None and str(device) != "meta":
+            t[cfg.pad_token_id] = 0  # as nn.Embedding(padding_idx=...) in transformers' init
+        flat[name] = hook(name, t) if hook is not None else t
+    return flat
+
+
+def init(cfg: BertConfig, *, seed: int = 0, dtype: torch.dtype = torch.float32, device: Any = "cpu",
+         hook: Callable[[str, torch.Tensor], Any] | None = None) -> dict:
+    """A seeded params tree (HF's init: N(0, initializer_range), LayerNorm one/zero, biases zero)."""
+    from purefine import tree
+
+    return tree.unflatten(_init_flat(cfg, param_shapes(cfg), seed, dtype, device, hook))
+
+
+def with_head(cfg: BertConfig, params: dict, head: str, *, num_labels: int = 2, seed: int = 0,
+              label_names: tuple[str, ...] | None = None) -> tuple[BertConfig, dict]:
+    """(config, params) with ``head`` in place of the current one: the encoder is kept, the old
+    head's tensors dropped and the new head's initialized (seeded) in the encoder's dtype.
+    E.g. ``with_head(*load_hf("bert-base-uncased"), "classify", num_labels=3)``."""
+    from purefine import tree
+
+    new = dataclasses.replace(cfg, head=head, num_labels=num_labels, label_names=label_names)
+    flat = {n: t for n, t in tree.flatten(params, is_leaf=tree.is_leaf).items() if n not in head_shapes(cfg)}
+    dtype = flat["bert.embeddings.word_embeddings.weight"].dtype
+    device = flat["bert.embeddings.word_embeddings.weight"].device
+    flat.update(_init_flat(new, head_shapes(new), seed, dtype, device, None))
+    return new, tree.unflatten({n: flat[n] for n in param_shapes(new)})
+
+
+def checkpoint_name(cfg: BertConfig, name: str) -> str | None:
+    """The params name of a checkpoint tensor, or None to skip one this head does not use."""
+    name = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", name))
+    if name.startswith(ENCODER_PREFIXES):
+        name = "bert." + name
+    skip = (name == "bert.embeddings.position_ids" or name.startswith("cls.seq_relationship.")
+            or name.startswith("cls.predictions.decoder.")  # tied to the word embedding and cls.predictions.bias
+            or (cfg.head == "mlm" and name.startswith("bert.pooler.")))
+    return None if skip else name
+
+
+def encoder_mask(mask: torch.Tensor | None, s: int, device: torch.device) -> torch.Tensor:
+    """A mask argument -> a bool mask for ``ops.attention``: None = every key; (B, S) key padding
+    (True = real token); (B, T, S) / (B, 1, T, S) used as given."""
+    if mask is None:
+        return torch.ones(1, 1, 1, s, dtype=torch.bool, device=device)
+    mask = mask.bool()
+    if mask.dim() == 2:
+        return mask[:, None, None, :]
+    return mask[:, None] if mask.dim() == 3 else mask
+
+
+def layer(cfg: BertConfig, p: dict, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """One post-norm block: LN(x + attn(x)), then LN(. + mlp(.)). x (B, T, D) -> (B, T, D)."""
+    b, t, _ = x.shape
+    a = p["attention"]
+    q, k, v = (ops.linear(x, a["self"][n]["weight"], a["self"][n]["bias"]).view(b, t, -1, cfg.head_dim).transpose(1, 2)
+               for n in ("query", "key", "value"))
+    o = ops.attention(q, k, v, mask=mask).transpose(1, 2).reshape(b, t, -1)
+    out = a["output"]
+    x = ops.layer_norm(x + ops.linear(o, out["dense"]["weight"], out["dense"]["bias"]),
+                       out["LayerNorm"]["weight"], out["LayerNorm"]["bias"], cfg.layer_norm_eps)
+    up, down = p["intermediate"]["dense"], p["output"]["dense"]
+    h = ops.dense_mlp(x, up["weight"], up["bias"], down["weight"], down["bias"], ops.activation(cfg.hidden_act))
+    norm = p["output"]["LayerNorm"]
+    return ops.layer_norm(x + h, norm["weight"], norm["bias"], cfg.layer_norm_eps)
+
+
+def hidden_states(
+    cfg: BertConfig, params: dict, tokens: torch.Tensor, *, positions: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None, cache: Any = None, remat: bool = False,
+    gather: Callable[[Any], Any] | None = None, token_type_ids: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, None]:
+    """tokens (B, T) -> (last encoder layer (B, T, D), None). Bidirectional: ``mask`` (B, T) marks
+    real tokens (padding keys are ignored); ``token_type_ids`` (B, T) default 0; ``positions``
+    (B, T) default 0..T-1; ``remat`` / ``gather`` as in ``llama.hidden_states``."""
+    if cache is not None:
+        raise ConfigError("bert: an encoder has no KV cache (cache must be None)")
+    g = gather if gather is not None else (lambda subtree: subtree)
+    emb = g(params["bert"]["embeddings"])
+    if positions is None:
+        positions = llama.default_positions(tokens)
+    if token_type_ids is None:
+        token_type_ids = torch.zeros_like(tokens)
+    x = (ops.embedding(tokens, emb["word_embeddings"]["weight"]) + ops.embedding(token_type_ids, emb["token_type_embeddings"]["weight"])
+         + ops.embedding(positions, emb["position_embeddings"]["weight"]))
+    x = ops.layer_norm(x, emb["LayerNorm"]["weight"], emb["LayerNorm"]["bias"], cfg.layer_norm_eps)
+    attn_mask = encoder_mask(mask, tokens.shape[1], tokens.device)
+    x = ops.run_layers(lambda p, h, i: layer(cfg, p, h, attn_mask), params["bert"]["encoder"]["layer"], x,
+                       remat=remat, gather=gather)
+    return x, None
+
+
+def classify(cfg: BertConfig, params: dict, h: torch.Tensor) -> torch.Tensor:
+    """Hidden states (B, T, D) -> class logits (B, C): tanh pooler over the first ([CLS]) token."""
+    pooler = params["bert"]["pooler"]["dense"]
+    pooled = torch.tanh(ops.linear(h[:, 0], pooler["weight"], pooler["bias"]))
+    return ops.linear(pooled, params["classifier"]["weight"], params["classifier"]["bias"])
+
+
+def mlm_logits(cfg: BertConfig, params: dict, h: torch.Tensor) -> torch.Tensor:
+    """Hidden states (..., D) -> vocabulary logits (..., V) through the transform and tied decoder."""
+    pred = params["cls"]["predictions"]
+    t = ops.activation(cfg.hidden_act)(ops.linear(h, pred["transform"]["dense"]["weight"], pred["transform"]["dense"]["bias"]))
+    t = ops.layer_norm(t, pred["transform"]["LayerNorm"]["weight"], pred["transform"]["LayerNorm"]["bias"], cfg.layer_norm_eps)
+    return ops.linear(t, output_weight(cfg, params), pred["bias"])
+
+
+def output_weight(cfg: BertConfig, params: dict) -> Any:
+    """The head's output projection: the classifier (C, D), or the tied word embedding (V, D)."""
+    if cfg.head == "classify":
+        return params["classifier"]["weight"]
+    return params["bert"]["embeddings"]["word_embeddings"]["weight"]
+
+
+def forward(cfg: BertConfig, params: dict, tokens: torch.Tensor, *, positions: torch.Tensor | None = None,
+            mask: torch.Tensor | None = None, gather: Callable[[Any], Any] | None = None,
+            token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """tokens (B, T) -> class logits (B, C) for ``head="classify"``, vocabulary logits (B, T, V) for ``"mlm"``."""
+    h, _ = hidden_states(cfg, params, tokens, positions=positions, mask=mask, gather=gather, token_type_ids=token_type_ids)
+    head = head_params(cfg, params, gather)
+    return classify(cfg, head, h) if cfg.head == "classify" else mlm_logits(cfg, head, h)
+
+
+def head_params(cfg: BertConfig, params: dict, gather: Callable[[Any], Any] | None = None) -> dict:
+    """The subtree the head reads (``classify`` / ``mlm_logits`` take it as params), each part
+    passed through ``gather`` (FSDP) just before use."""
+    g = gather if gather is not None else (lambda subtree: subtree)
+    if cfg.head == "classify":
+        return {"bert": {"pooler": g(params["bert"]["pooler"])}, "classifier": g(params["classifier"])}
+    word = g(params["bert"]["embeddings"]["word_embeddings"])
+    return {"bert": {"embeddings": {"word_embeddings": word}}, "cls": g(params["cls"])}
+
+
+def new_cache(cfg: BertConfig, batch: int, max_len: int, **_: Any) -> None:
+    """BERT is an encoder: there is nothing to decode, so no cache."""
+    raise ConfigError("bert: an encoder cannot generate; there is no KV cache")
+
+
+def classification_loss(cfg: BertConfig, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits (B, C), labels -> (summed loss fp32, count). Single-label: labels (B,) int, -100 skipped;
+    regression: labels (B,) float, squared error; multi-label: labels (B, C) in [0, 1], BCE per entry."""
+    problem = cfg.problem
+    if problem == "single_label_classification":
+        if labels.dim() != 1 or labels.is_floating_point():
+            raise DataError(f"bert classify: labels must be (B,) integers, found {labels.dtype} {tuple(labels.shape)}")
+        if ((labels >= cfg.num_labels) | (labels < 0) & (labels != ops.IGNORE_INDEX)).any():
+            raise DataError(f"bert classify: labels must be in [0, {cfg.num_labels}) or -100, found "
+                            f"{sorted(set(labels.tolist()))[:5]}")
+        return ops.cross_entropy(logits, labels)
+    if problem == "regression":
+        loss = F.mse_loss(logits.float().reshape(-1), labels.float().reshape(-1), reduction="sum")
+        return loss, torch.tensor(labels.numel(), device=labels.device)
+    loss = F.binary_cross_entropy_with_logits(logits.float(), labels.float(), reduction="sum")
+    return loss, torch.tensor(labels.numel(), device=labels.device)
+
+
+def loss_fn(cfg: BertConfig, *, chunk_size: int = 1024, remat: bool = False,
+            gather: Callable[[Any], Any] | None = None) -> Callable[[dict, dict], tuple[torch.Tensor, torch.Tensor]]:
+    """(params, batch) -> (summed loss fp32, number of labelled items), the protocol of ``models.loss_fn``.
+
+    batch: ``tokens`` (B, T), optional ``mask`` (B, T) bool (True = real token), ``token_type_ids``
+    and ``positions`` (B, T), and ``labels``: (B,) class ids for ``head="classify"`` (see
+    ``classification_loss`` for regression / multi-label), or (B, T) target ids for ``"mlm"``
+    (-100 at unmasked positions; not shifted). Masked-LM logits are computed only at labelled
+    positions, so ``chunk_size`` is unused.
+    """
+
+    def loss(params: dict, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        h, _ = hidden_states(cfg, params, batch["tokens"], positions=batch.get("positions"), mask=batch.get("mask"),
+                             remat=remat, gather=gather, token_type_ids=batch.get("token_type_ids"))
+        head = head_params(cfg, params, gather)
+        if cfg.head == "classify":
+            return classification_loss(cfg, classify(cfg, head, h), batch["labels"])
+        labels = batch["labels"].reshape(-1)
+        picked = labels != ops.IGNORE_INDEX
+        return ops.cross_entropy(mlm_logits(cfg, head, h.reshape(-1, h.shape[-1])[picked]), labels[picked])
+
+    return loss
+
+
+Config = BertConfig
