@@ -113,6 +113,12 @@ class LlamaConfig:
         return sum(torch.Size(s).numel() for s in param_shapes(self).values())
 
 
+def _llama31_rope(factor: float) -> dict:
+    """The ``rope_scaling`` of Llama-3.1 / 3.2 (8K original context, llama3 frequency smoothing)."""
+    return {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192}
+
+
 PRESETS: dict[str, LlamaConfig] = {
     "llama2-7b": LlamaConfig(),
     "llama2-13b": LlamaConfig(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40),
@@ -122,6 +128,26 @@ PRESETS: dict[str, LlamaConfig] = {
     "llama3-8b": LlamaConfig(
         vocab_size=128256, intermediate_size=14336, num_key_value_heads=8, max_position_embeddings=8192,
         rope_theta=500000.0, bos_token_id=128000, eos_token_id=128001,
+    ),
+    # Llama-3.1 / 3.2: 128K context through llama3 rope scaling; 3.2's small models tie the embeddings.
+    "llama3.1-8b": LlamaConfig(
+        vocab_size=128256, intermediate_size=14336, num_key_value_heads=8, max_position_embeddings=131072,
+        rope_theta=500000.0, rope_scaling=_llama31_rope(8.0), bos_token_id=128000, eos_token_id=128001,
+    ),
+    "llama3.1-70b": LlamaConfig(
+        vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+        num_key_value_heads=8, max_position_embeddings=131072, rope_theta=500000.0, rope_scaling=_llama31_rope(8.0),
+        bos_token_id=128000, eos_token_id=128001,
+    ),
+    "llama3.2-1b": LlamaConfig(
+        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=64, max_position_embeddings=131072, rope_theta=500000.0,
+        rope_scaling=_llama31_rope(32.0), tie_word_embeddings=True, bos_token_id=128000, eos_token_id=128001,
+    ),
+    "llama3.2-3b": LlamaConfig(
+        vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
+        num_key_value_heads=8, head_dim=128, max_position_embeddings=131072, rope_theta=500000.0,
+        rope_scaling=_llama31_rope(32.0), tie_word_embeddings=True, bos_token_id=128000, eos_token_id=128001,
     ),
     # ~134M parameters: the benchmark model (Llama-2 shapes at GPT-2-small width).
     "llama-134m": LlamaConfig(
