@@ -1,0 +1,233 @@
+"""Dataset rows -> conversations -> template segments -> token ids with exact loss masks.
+
+- Formats (``FORMATS``): ``alpaca`` (instruction, input, output), ``chat`` (OpenAI ``messages`` with
+  role/content, or ShareGPT ``conversations`` with from/value), ``text`` (plain completion) and
+  ``preference`` (prompt, chosen, rejected). ``column_map`` {expected field: dataset column} reads
+  renamed columns. Each row becomes a list of messages ``{"role", "content"}`` (alpaca rows keep
+  their ``input`` so the alpaca template can show it the way Stanford Alpaca does).
+- Templates (``TEMPLATES``, name -> ``Template``): ``alpaca``, ``llama2-chat`` (``[INST]``,
+  ``<<SYS>>``), ``chatml``, ``llama3`` and ``none``. A template renders messages to ``Segment``s:
+  text, a named special token, or the tokenizer's bos / eos, each flagged as part of an assistant
+  turn or not. Segments are encoded one by one, so the loss mask follows segment boundaries exactly
+  (never a re-tokenization guess). A special token the tokenizer lacks is encoded as plain text.
+  Add a template with ``register_template``.
+- Masking (``train_on``): ``assistant`` (every assistant turn, with its end token), ``all`` or
+  ``last`` (the last assistant turn). Labels are shifted: ``labels[t]`` is the target of position t,
+  ``tokens[t + 1]`` if that token carries loss, else -100; the last position is always -100.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from purefine.data.templates import (
+    TEMPLATES, Message, Segment, Template, get_template, register_template, validate_conversation,
+)
+from purefine.data.tokenizer import Tokenizer
+from purefine.errors import DataError
+
+__all__ = [
+    "FORMATS", "TEMPLATES", "Message", "Segment", "Template", "Sample", "TrainOn", "IGNORE_INDEX",
+    "get_template", "register_template", "row_error", "detect_format", "row_messages", "encode_segments",
+    "loss_mask", "shift_labels", "tokenize_messages", "tokenize_row", "prompt_ids",
+]
+
+IGNORE_INDEX = -100
+TrainOn = Literal["assistant", "all", "last"]
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
+OPENAI_ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One tokenized example: ``tokens`` (n,) and already-shifted ``labels`` (n,), -100 = no loss."""
+
+    tokens: list[int]
+    labels: list[int]
+
+
+def row_error(index: int, field: str, problem: str) -> DataError:
+    """The error for a bad row: names the row index and the field."""
+    return DataError(f"row {index}, field {field!r}: {problem}")
+
+
+def _string(row: Mapping[str, Any], index: int, column: str, *, optional: bool = False) -> str:
+    value = row.get(column)
+    if value is None:
+        if optional:
+            return ""
+        raise row_error(index, column, f"missing (expected a string; the row has {sorted(k for k, v in row.items() if v is not None)})")
+    if not isinstance(value, str):
+        raise row_error(index, column, f"expected a string, found {type(value).__name__} {str(value)[:40]!r}")
+    return value
+
+
+def _alpaca(row: Mapping[str, Any], index: int, col: Callable[[str], str]) -> list[Message]:
+    instruction = _string(row, index, col("instruction"))
+    if not instruction.strip():
+        raise row_error(index, col("instruction"), "is empty")
+    user: Message = {"role": "user", "content": instruction}
+    extra = _string(row, index, col("input"), optional=True)
+    if extra:
+        user["input"] = extra
+    return [user, {"role": "assistant", "content": _string(row, index, col("output"))}]
+
+
+def _parse_message(m: Any, index: int, where: str) -> Message:
+    if not isinstance(m, Mapping):
+        raise row_error(index, where, f"expected a message object, found {type(m).__name__}")
+    sharegpt = m.get("from") is not None or m.get("value") is not None
+    role_key, content_key = ("from", "value") if sharegpt else ("role", "content")
+    role = m.get(role_key)
+    if role is None:
+        raise row_error(index, f"{where}.{role_key}", "missing")
+    if not isinstance(role, str):
+        raise row_error(index, f"{where}.{role_key}", f"expected a string, found {type(role).__name__}")
+    known = SHAREGPT_ROLES if sharegpt else {r: r for r in OPENAI_ROLES}
+    if role not in known:
+        raise row_error(index, f"{where}.{role_key}", f"unknown role {role!r}; expected one of {', '.join(known)}")
+    content = m.get(content_key)
+    if not isinstance(content, str):
+        found = "missing" if content is None else f"found {type(content).__name__}"
+        raise row_error(index, f"{where}.{content_key}", f"expected a string, {found}")
+    return {"role": known[role], "content": content}
+
+
+def _conversation(value: Any, index: int, field: str) -> list[Message]:
+    if value is None:
+        raise row_error(index, field, "missing (expected a list of messages)")
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise row_error(index, field, f"expected a list of messages, found {type(value).__name__}")
+    if len(value) == 0:
+        raise row_error(index, field, "empty conversation")
+    messages = [_parse_message(m, index, f"{field}[{j}]") for j, m in enumerate(value)]
+    problem = validate_conversation(messages)
+    if problem:
+        raise row_error(index, field, problem)
+    return messages
+
+
+def _chat(row: Mapping[str, Any], index: int, col: Callable[[str], str]) -> list[Message]:
+    field = col("messages")
+    if row.get(field) is None and row.get(col("conversations")) is not None:
+        field = col("conversations")
+    return _conversation(row.get(field), index, field)
+
+
+def _text(row: Mapping[str, Any], index: int, col: Callable[[str], str]) -> list[Message]:
+    return [{"role": "text", "content": _string(row, index, col("text"))}]
+
+
+def _response(value: Any, prompt: list[Message], index: int, field: str) -> list[Message]:
+    if isinstance(value, str):
+        if not prompt:
+            raise row_error(index, field, "a string response needs a 'prompt' field")
+        return _conversation([*prompt, {"role": "assistant", "content": value}], index, field)
+    return _conversation([*prompt, *(value or [])] if value is not None else None, index, field)
+
+
+def _preference(row: Mapping[str, Any], index: int, col: Callable[[str], str]) -> tuple[list[Message], list[Message]]:
+    raw = row.get(col("prompt"))
+    if raw is None:
+        prompt: list[Message] = []
+    elif isinstance(raw, str):
+        prompt = [{"role": "user", "content": raw}]
+    elif isinstance(raw, Sequence):
+        prompt = [_parse_message(m, index, f"{col('prompt')}[{j}]") for j, m in enumerate(raw)]
+    else:
+        raise row_error(index, col("prompt"), f"expected a string or a list of messages, found {type(raw).__name__}")
+    return (_response(row.get(col("chosen")), prompt, index, col("chosen")),
+            _response(row.get(col("rejected")), prompt, index, col("rejected")))
+
+
+FORMATS: dict[str, Callable[..., Any]] = {"alpaca": _alpaca, "chat": _chat, "text": _text, "preference": _preference}
+# Columns that identify a format (after column_map), in the order auto-detection tries them.
+FORMAT_COLUMNS = (("preference", ("chosen", "rejected")), ("chat", ("messages",)), ("chat", ("conversations",)),
+                  ("alpaca", ("instruction", "output")), ("text", ("text",)))
+
+
+def detect_format(columns: Sequence[str], column_map: Mapping[str, str] | None = None, *, source: str = "dataset") -> str:
+    """The format whose fields ``columns`` has: preference, chat, alpaca or text (in that order)."""
+    cmap = dict(column_map or {})
+    for name, needed in FORMAT_COLUMNS:
+        if all(cmap.get(f, f) in columns for f in needed):
+            return name
+    raise DataError(f"{source}: cannot tell the format from its columns {list(columns)}; expected "
+                    "instruction+output (alpaca), messages or conversations (chat), text, or chosen+rejected "
+                    "(preference). Set --data.format and --data.column-map")
+
+
+def row_messages(row: Mapping[str, Any], index: int, fmt: str, column_map: Mapping[str, str] | None = None) -> Any:
+    """A row as messages (a pair of message lists for ``preference``); bad rows raise ``DataError``."""
+    if fmt not in FORMATS:
+        raise DataError(f"unknown data format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    cmap = dict(column_map or {})
+    return FORMATS[fmt](row, index, lambda f: cmap.get(f, f))
+
+
+def encode_segments(segments: Sequence[Segment], tokenizer: Tokenizer) -> tuple[list[int], list[bool], list[int]]:
+    """Segments -> (token ids (n,), in-assistant-turn flags (n,), assistant turn index or -1 (n,))."""
+    ids: list[int] = []
+    flags: list[bool] = []
+    turns: list[int] = []
+    for seg in segments:
+        if seg.kind == "bos":
+            part = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+        elif seg.kind == "eos":
+            part = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
+        elif seg.kind == "special" and tokenizer.token_to_id(seg.text) is not None:
+            part = [tokenizer.token_to_id(seg.text)]
+        else:
+            part = tokenizer.encode(seg.text) if seg.text else []
+        ids += part
+        flags += [seg.assistant] * len(part)
+        turns += [seg.turn] * len(part)
+    return ids, flags, turns
+
+
+def loss_mask(flags: Sequence[bool], turns: Sequence[int], train_on: TrainOn) -> list[bool]:
+    """Which tokens are prediction targets (n,): assistant turns, all tokens, or the last assistant turn."""
+    if train_on == "all":
+        return [True] * len(flags)
+    if train_on == "assistant":
+        return list(flags)
+    if train_on == "last":
+        last = max((t for t, f in zip(turns, flags) if f), default=-1)
+        return [f and t == last for f, t in zip(flags, turns)]
+    raise DataError(f"unknown train_on {train_on!r}; expected assistant, all or last")
+
+
+def shift_labels(tokens: Sequence[int], mask: Sequence[bool]) -> list[int]:
+    """labels (n,): ``labels[t] = tokens[t+1]`` where ``mask[t+1]``, else -100; the last is -100."""
+    return [tok if m else IGNORE_INDEX for tok, m in zip(tokens[1:], mask[1:])] + [IGNORE_INDEX] * bool(tokens)
+
+
+def tokenize_messages(messages: Sequence[Message], template: Template | str, tokenizer: Tokenizer, *,
+                      train_on: TrainOn = "assistant", max_seq_len: int | None = None) -> Sample:
+    """Render, encode, truncate to ``max_seq_len`` (keeping the start) and shift the labels."""
+    template = get_template(template) if isinstance(template, str) else template
+    ids, flags, turns = encode_segments(template.render(messages, False), tokenizer)
+    mask = loss_mask(flags, turns, train_on)
+    if max_seq_len is not None:
+        ids, mask = ids[:max_seq_len], mask[:max_seq_len]
+    return Sample(ids, shift_labels(ids, mask))
+
+
+def tokenize_row(row: Mapping[str, Any], index: int, *, fmt: str, template: Template | str, tokenizer: Tokenizer,
+                 column_map: Mapping[str, str] | None = None, train_on: TrainOn = "assistant",
+                 max_seq_len: int | None = None) -> Sample | tuple[Sample, Sample]:
+    """One dataset row -> a ``Sample`` (a (chosen, rejected) pair for ``preference``)."""
+    messages = row_messages(row, index, fmt, column_map)
+    kw = dict(train_on=train_on, max_seq_len=max_seq_len)
+    if fmt == "preference":
+        return tokenize_messages(messages[0], template, tokenizer, **kw), tokenize_messages(messages[1], template, tokenizer, **kw)
+    return tokenize_messages(messages, template, tokenizer, **kw)
+
+
+def prompt_ids(messages: Sequence[Message], template: Template | str, tokenizer: Tokenizer) -> list[int]:
+    """Token ids of a conversation ending in a user turn, plus the assistant header: what generation
+    continues from, encoded exactly as training encodes it."""
+    template = get_template(template) if isinstance(template, str) else template
+    return encode_segments(template.render(messages, True), tokenizer)[0]

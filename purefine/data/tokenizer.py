@@ -1,0 +1,154 @@
+"""Tokenizers: one small protocol, the SentencePiece tokenizer of Llama-2, and a loader that dispatches.
+
+- ``Tokenizer``: what the data pipeline, generation and evaluation rely on — ``vocab_size``,
+  ``bos_id`` / ``eos_id`` (None when the tokenizer has none), ``pad_id``, ``encode``, ``decode``,
+  ``token_to_id`` (for special tokens) and ``special_tokens`` ({token string: id}).
+- ``SentencePieceTokenizer``: a ``tokenizer.model`` file (Llama-2, Mistral, the bundled demo).
+  ``encode`` follows SentencePiece exactly: each call adds the word-boundary prefix ``▁``.
+- ``load_tokenizer(path_or_dir, model_vocab_size=...)``: a ``.model`` file or a directory holding
+  ``tokenizer.model`` -> SentencePiece; a ``tokenizer.json`` -> ``purefine.data.hf_tokenizer.HFTokenizer``
+  (Llama-3, GPT-2, BERT). A vocabulary larger than the model's embedding is a ``TokenizerError``:
+  its ids would index past the embedding table.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import sentencepiece as spm
+
+from purefine.errors import TokenizerError
+
+SENTENCEPIECE_NAME = "tokenizer.model"
+HF_TOKENIZER_NAME = "tokenizer.json"
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+    """The interface every tokenizer in purefine provides."""
+
+    vocab_size: int
+    bos_id: int | None
+    eos_id: int | None
+    pad_id: int
+
+    @property
+    def special_tokens(self) -> Mapping[str, int]:
+        """{special token string: id}, e.g. {"<s>": 1, "</s>": 2, "<|eot_id|>": 128009}."""
+        ...
+
+    def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
+        """Text -> token ids, with the bos / eos id added when asked (and the tokenizer has one)."""
+        ...
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Token ids -> text; special tokens decode to nothing."""
+        ...
+
+    def token_to_id(self, token: str) -> int | None:
+        """The id of one whole token string (a special token), or None if the vocabulary lacks it."""
+        ...
+
+
+class SentencePieceTokenizer:
+    """A SentencePiece ``tokenizer.model`` (Llama-2's format) behind the ``Tokenizer`` protocol.
+
+    ``pad_id`` is the model's pad piece if it has one, else the unknown piece (Llama-2 defines no
+    pad; padded positions never carry a label, so the id only has to be a valid one).
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise TokenizerError(f"{self.path}: tokenizer file not found")
+        try:
+            self.processor = spm.SentencePieceProcessor(model_file=str(self.path))
+        except (RuntimeError, OSError) as e:
+            raise TokenizerError(f"{self.path}: not a SentencePiece model ({' '.join(str(e).split())})") from None
+        sp = self.processor
+        self.vocab_size: int = sp.get_piece_size()
+        self.bos_id: int | None = sp.bos_id() if sp.bos_id() >= 0 else None
+        self.eos_id: int | None = sp.eos_id() if sp.eos_id() >= 0 else None
+        self.unk_id: int | None = sp.unk_id() if sp.unk_id() >= 0 else None
+        self.pad_id: int = sp.pad_id() if sp.pad_id() >= 0 else (self.unk_id or 0)
+        self._special = {sp.id_to_piece(i): i for i in range(self.vocab_size)
+                         if sp.is_control(i) or sp.is_unknown(i)}
+
+    @property
+    def special_tokens(self) -> Mapping[str, int]:
+        """{piece: id} of the control and unknown pieces (``<unk>``, ``<s>``, ``</s>``, ...)."""
+        return dict(self._special)
+
+    def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
+        """Text -> ids (SentencePiece semantics: special-token strings in the text stay plain text)."""
+        if not isinstance(text, str):
+            raise TokenizerError(f"{self.path}: encode expects a string, found {type(text).__name__}")
+        ids = self.processor.encode(text) if text else []
+        if bos and self.bos_id is not None:
+            ids = [self.bos_id, *ids]
+        if eos and self.eos_id is not None:
+            ids = [*ids, self.eos_id]
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Ids -> text. Out-of-range ids are an error, not silently dropped."""
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise TokenizerError(f"{self.path}: token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+        return self.processor.decode(ids)
+
+    def token_to_id(self, token: str) -> int | None:
+        """The id of one piece, or None when the vocabulary lacks it."""
+        i = self.processor.piece_to_id(token)
+        if i == self.unk_id and token != self.processor.id_to_piece(i):
+            return None
+        return i
+
+    def __repr__(self) -> str:
+        return f"SentencePieceTokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"
+
+
+def _hf_tokenizer(path: Path) -> Tokenizer:
+    try:
+        module = importlib.import_module("purefine.data.hf_tokenizer")
+    except ModuleNotFoundError as e:
+        if e.name != "purefine.data.hf_tokenizer":
+            raise
+        raise TokenizerError(
+            f"{path}: a Hugging Face tokenizer.json needs purefine.data.hf_tokenizer, which this "
+            "install lacks; pass a directory or file with a SentencePiece tokenizer.model instead") from None
+    return module.HFTokenizer(path)
+
+
+def _resolve(path: Path) -> tuple[str, Path]:
+    """(kind, file) for a tokenizer path: a .model file, a tokenizer.json, or a directory holding one."""
+    if path.is_dir():
+        for name, kind in ((SENTENCEPIECE_NAME, "sentencepiece"), (HF_TOKENIZER_NAME, "hf")):
+            if (path / name).is_file():
+                return kind, path / name
+        raise TokenizerError(f"{path}: no {SENTENCEPIECE_NAME} or {HF_TOKENIZER_NAME} in this directory")
+    if not path.exists():
+        raise TokenizerError(f"{path}: tokenizer file or directory not found")
+    return ("hf" if path.suffix == ".json" else "sentencepiece"), path
+
+
+def load_tokenizer(path_or_dir: str | os.PathLike, *, model_vocab_size: int | None = None) -> Tokenizer:
+    """Load the tokenizer at ``path_or_dir`` (a file, or an HF model directory).
+
+    A directory with both files (Llama-2 checkpoints ship both) uses ``tokenizer.model``. With
+    ``model_vocab_size``, a tokenizer that can emit ids >= the model's vocabulary is an error; a
+    smaller tokenizer is fine (models often pad their embedding table).
+    """
+    kind, file = _resolve(Path(path_or_dir))
+    tok: Tokenizer = SentencePieceTokenizer(file) if kind == "sentencepiece" else _hf_tokenizer(file)
+    if model_vocab_size is not None and tok.vocab_size > model_vocab_size:
+        raise TokenizerError(
+            f"{file}: tokenizer vocabulary has {tok.vocab_size} tokens but the model's vocab_size is "
+            f"{model_vocab_size}; ids >= {model_vocab_size} would index past the embedding. "
+            "Use the tokenizer that belongs to the model")
+    return tok
