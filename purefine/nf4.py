@@ -63,7 +63,7 @@ GROUP_SIZE = 256     # block scales per int8 double-quantization group
 NORMAL_OFFSET = 0.9677083  # the QLoRA paper's outermost quantile, (1 - 1/(2·15) + 1 - 1/(2·16)) / 2
 _CHUNK_BLOCKS = 1 << 16  # blocks quantized per step: bounds the float32 temporaries to 16 MiB
 
-ERR_NO_MATCH = "nf4.quantize: where={!r} matches no weight path (paths look like {!r})"
+ERR_NO_MATCH = "nf4.quantize: where={!r} matches no weight path (paths look like {})"
 ERR_NOT_FLOAT = "nf4: {} has dtype {}, expected a floating-point weight to quantize"
 ERR_EMPTY = "nf4: {} has shape {}, expected at least one element to quantize"
 ERR_NONFINITE = "nf4: {} has non-finite values (inf or nan); refusing to quantize it"
@@ -325,31 +325,33 @@ def embed(tokens: torch.Tensor, q: NF4) -> torch.Tensor:
 
 
 class _NF4Linear(torch.autograd.Function):
-    """y = x Wᵀ with W dequantized on the fly; only the packed codes and scales are saved."""
+    """y = x Wᵀ + bias with W dequantized on the fly; only the packed codes and scales are saved."""
 
     @staticmethod
-    def forward(x: torch.Tensor, q: NF4, *children: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, dequantize_tensor(q, x.dtype))
+    def forward(x: torch.Tensor, bias: torch.Tensor | None, q: NF4, *children: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, dequantize_tensor(q, x.dtype), bias)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
-        _, q, *children = inputs
+        _, _, q, *children = inputs
         ctx.save_for_backward(*children)  # the leaf's own tensors: nothing new is kept alive
         ctx.shape, ctx.dtype = q.shape, q.dtype
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple:
-        q = NF4(*ctx.saved_tensors, ctx.shape, ctx.dtype)
-        grad_x = grad_out.matmul(dequantize_tensor(q, grad_out.dtype)) if ctx.needs_input_grad[0] else None
-        return (grad_x, None) + (None,) * len(ctx.saved_tensors)
+        children = ctx.saved_tensors  # read once: checkpointing unpacks each saved tensor only once
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out.matmul(dequantize_tensor(NF4(*children, ctx.shape, ctx.dtype), grad_out.dtype))
+        if ctx.needs_input_grad[1]:
+            grad_bias = grad_out.sum(dim=tuple(range(grad_out.dim() - 1)))
+        return (grad_x, grad_bias, None) + (None,) * len(children)
 
 
 def linear(x: torch.Tensor, q: NF4, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., in) -> x Wᵀ + bias (..., out), W (out, in) dequantized into x's dtype in forward and
     again in backward (never saved); gradients flow to x and bias, never to the frozen codes."""
-    children = (q.codes, q.scale_codes, q.scale_factors, q.scale_mean)
-    y = _NF4Linear.apply(x, q, *children)
-    return y if bias is None else y + bias
+    return _NF4Linear.apply(x, bias, q, q.codes, q.scale_codes, q.scale_factors, q.scale_mean)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -385,8 +387,7 @@ def quantize(params: tree.Tree, *, where: str) -> tree.Tree:
 
     out = tree.map_with_path(convert, params, is_leaf=_tensor_or_nf4)
     if not matched:
-        example = next((p for p in tree.paths(params, is_leaf=_tensor_or_nf4) if p.endswith("weight")), "<empty>")
-        raise ConfigError(ERR_NO_MATCH.format(where, example))
+        raise ConfigError(ERR_NO_MATCH.format(where, ", ".join(tree.paths(params, is_leaf=_tensor_or_nf4)[:3])))
     return out
 
 
