@@ -86,7 +86,8 @@ def make_row(rng: random.Random) -> Row:
     task = rng.choice(["reverse", "copy", "count", "first_last", "sort", "max", "add", "sequence", "capital", "opposite"])
     if task == "reverse":
         w = _words(rng, 3, 6)
-        return Row(rng.choice(["Reverse the order of the words.", "Write the words backwards, last word first."]), _join(w), _join(w[::-1]), task)
+        ask = rng.choice(["Reverse the order of the words.", "Write the words backwards, last word first."])
+        return Row(ask, _join(w), _join(w[::-1]), task)
     if task == "copy":
         w = _words(rng, 3, 6)
         return Row(rng.choice(["Repeat the words exactly.", "Copy the list of words."]), _join(w), _join(w), task)
@@ -98,7 +99,8 @@ def make_row(rng: random.Random) -> Row:
         return Row(f"What is the {'first' if first else 'last'} word?", _join(w), w[0] if first else w[-1], task)
     if task == "sort":
         n = _numbers(rng, 3, 5)
-        return Row(rng.choice(["Sort the numbers from smallest to largest.", "Put the numbers in increasing order."]), _join(n), _join(sorted(n)), task)
+        ask = rng.choice(["Sort the numbers from smallest to largest.", "Put the numbers in increasing order."])
+        return Row(ask, _join(n), _join(sorted(n)), task)
     if task == "max":
         n = _numbers(rng, 2, 6)
         return Row(rng.choice(["Which number is the largest?", "Find the biggest number."]), _join(n), str(max(n)), task)
@@ -114,7 +116,8 @@ def make_row(rng: random.Random) -> Row:
         q = rng.choice([f"What is the capital of {country}?", f"Name the capital city of {country}."])
         return Row(q, "", f"The capital of {country} is {CAPITALS[country]}.", task)
     word = rng.choice(sorted(OPPOSITES))
-    return Row(rng.choice([f"What is the opposite of {word}?", f"Give the opposite of the word {word}."]), "", OPPOSITES[word], task)
+    ask = rng.choice([f"What is the opposite of {word}?", f"Give the opposite of the word {word}."])
+    return Row(ask, "", OPPOSITES[word], task)
 
 
 def make_rows(rng: random.Random) -> tuple[list[Row], list[Row]]:

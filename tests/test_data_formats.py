@@ -211,6 +211,10 @@ def test_detect_format():
     ("chat", {"messages": "hi"}, r"field 'messages': expected a list of messages, found str"),
     ("text", {"text": None}, r"row 7, field 'text': missing"),
     ("preference", {"prompt": "p", "chosen": "a"}, r"row 7, field 'rejected': missing"),
+    ("preference", {"prompt": "p", "chosen": "a", "rejected": 3}, r"field 'rejected': expected a string or a list"),
+    ("preference", {"chosen": "a", "rejected": "b"}, r"field 'chosen': a string response needs a 'prompt' field"),
+    ("preference", {"prompt": "p", "chosen": [{"role": "assistant", "content": 1}], "rejected": "b"},
+     r"field 'chosen\[0\]\.content': expected a string, found int"),
 ])
 def test_bad_rows_name_the_row_and_field(fmt, row, match):
     with pytest.raises(DataError, match=match):

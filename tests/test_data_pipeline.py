@@ -201,8 +201,8 @@ def test_preference_batches_pair_chosen_and_rejected(tmp_path, cfg):
     batch, _ = next(batches(ds, batch_size=2, seq_len=64, packing=False, shuffle=False))
     assert batch["chosen"]["tokens"].shape == batch["rejected"]["tokens"].shape
     assert TOK.decode([x for x in batch["rejected"]["labels"][0].tolist() if x != -100]) == "The capital is Paris"
-    with pytest.raises(ConfigError, match="preference cannot be packed"):
-        build(replace(c, format="preference", packing=True), TOK)
+    with pytest.raises(ConfigError, match="preference pairs cannot be packed; pass --data.no-packing"):
+        build(replace(c, packing=True), TOK)
 
 
 def test_data_config_parses_with_tyro():

@@ -5,8 +5,8 @@
   ``preference`` (prompt, chosen, rejected). ``column_map`` {expected field: dataset column} reads
   renamed columns. Each row becomes a list of messages ``{"role", "content"}`` (alpaca rows keep
   their ``input`` so the alpaca template can show it the way Stanford Alpaca does).
-- Templates (``TEMPLATES``, name -> ``Template``): ``alpaca``, ``llama2-chat`` (``[INST]``,
-  ``<<SYS>>``), ``chatml``, ``llama3`` and ``none``. A template renders messages to ``Segment``s:
+- Templates (``purefine.data.templates``, re-exported here; ``TEMPLATES`` maps name -> ``Template``):
+  ``alpaca``, ``llama2-chat`` (``[INST]``, ``<<SYS>>``), ``chatml``, ``llama3`` and ``none``. A template renders messages to ``Segment``s:
   text, a named special token, or the tokenizer's bos / eos, each flagged as part of an assistant
   turn or not. Segments are encoded one by one, so the loss mask follows segment boundaries exactly
   (never a re-tokenization guess). A special token the tokenizer lacks is encoded as plain text.
@@ -27,6 +27,7 @@ from purefine.data.templates import (
 )
 from purefine.data.tokenizer import Tokenizer
 from purefine.errors import DataError
+from purefine.ops import IGNORE_INDEX
 
 __all__ = [
     "FORMATS", "TEMPLATES", "Message", "Segment", "Template", "Sample", "TrainOn", "IGNORE_INDEX",
@@ -34,7 +35,6 @@ __all__ = [
     "loss_mask", "shift_labels", "tokenize_messages", "tokenize_row", "prompt_ids",
 ]
 
-IGNORE_INDEX = -100
 TrainOn = Literal["assistant", "all", "last"]
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
 OPENAI_ROLES = ("system", "user", "assistant")
@@ -58,7 +58,8 @@ def _string(row: Mapping[str, Any], index: int, column: str, *, optional: bool =
     if value is None:
         if optional:
             return ""
-        raise row_error(index, column, f"missing (expected a string; the row has {sorted(k for k, v in row.items() if v is not None)})")
+        present = sorted(k for k, v in row.items() if v is not None)
+        raise row_error(index, column, f"missing (expected a string; the row has {present})")
     if not isinstance(value, str):
         raise row_error(index, column, f"expected a string, found {type(value).__name__} {str(value)[:40]!r}")
     return value
@@ -121,11 +122,23 @@ def _text(row: Mapping[str, Any], index: int, col: Callable[[str], str]) -> list
 
 
 def _response(value: Any, prompt: list[Message], index: int, field: str) -> list[Message]:
+    """The prompt followed by a response given as a string or as a list of messages."""
+    if value is None:
+        raise row_error(index, field, "missing (expected a string or a list of messages)")
     if isinstance(value, str):
         if not prompt:
             raise row_error(index, field, "a string response needs a 'prompt' field")
-        return _conversation([*prompt, {"role": "assistant", "content": value}], index, field)
-    return _conversation([*prompt, *(value or [])] if value is not None else None, index, field)
+        messages = [*prompt, {"role": "assistant", "content": value}]
+    elif isinstance(value, Sequence) and not isinstance(value, bytes):
+        messages = [*prompt, *(_parse_message(m, index, f"{field}[{j}]") for j, m in enumerate(value))]
+    else:
+        raise row_error(index, field, f"expected a string or a list of messages, found {type(value).__name__}")
+    if not messages:
+        raise row_error(index, field, "empty conversation")
+    problem = validate_conversation(messages)
+    if problem:
+        raise row_error(index, field, problem)
+    return messages
 
 
 def _preference(row: Mapping[str, Any], index: int, col: Callable[[str], str]) -> tuple[list[Message], list[Message]]:
@@ -177,10 +190,9 @@ def encode_segments(segments: Sequence[Segment], tokenizer: Tokenizer) -> tuple[
             part = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
         elif seg.kind == "eos":
             part = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
-        elif seg.kind == "special" and tokenizer.token_to_id(seg.text) is not None:
-            part = [tokenizer.token_to_id(seg.text)]
         else:
-            part = tokenizer.encode(seg.text) if seg.text else []
+            special = tokenizer.token_to_id(seg.text) if seg.kind == "special" else None
+            part = [special] if special is not None else tokenizer.encode(seg.text) if seg.text else []
         ids += part
         flags += [seg.assistant] * len(part)
         turns += [seg.turn] * len(part)
@@ -222,7 +234,8 @@ def tokenize_row(row: Mapping[str, Any], index: int, *, fmt: str, template: Temp
     messages = row_messages(row, index, fmt, column_map)
     kw = dict(train_on=train_on, max_seq_len=max_seq_len)
     if fmt == "preference":
-        return tokenize_messages(messages[0], template, tokenizer, **kw), tokenize_messages(messages[1], template, tokenizer, **kw)
+        chosen, rejected = messages
+        return tokenize_messages(chosen, template, tokenizer, **kw), tokenize_messages(rejected, template, tokenizer, **kw)
     return tokenize_messages(messages, template, tokenizer, **kw)
 
 

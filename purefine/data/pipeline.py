@@ -77,7 +77,7 @@ class DataConfig:
     shuffle: bool = True
     """Shuffle the training samples each epoch."""
     seed: int = 0
-    """Seed of the sampler's shuffling."""
+    """Seed of the sampler's shuffling (start from SamplerState(seed=...))."""
     max_samples: int | None = None
     """Use only the first N training rows."""
     skip_bad_rows: bool = False
@@ -134,8 +134,6 @@ def _check(cfg: DataConfig) -> None:
         raise ConfigError(f"--data.max-seq-len must be at least 2, found {cfg.max_seq_len}")
     if cfg.train_on not in ("assistant", "all", "last"):
         raise ConfigError(f"--data.train-on must be assistant, all or last, found {cfg.train_on!r}")
-    if cfg.format == "preference" and cfg.packing:
-        raise ConfigError("--data.format preference cannot be packed; pass --data.no-packing")
 
 
 def _row_result(row: Mapping[str, Any], index: int, opts: dict) -> dict[str, Any]:
@@ -190,11 +188,14 @@ def tokenize(rows: datasets.Dataset, tokenizer: Tokenizer, cfg: DataConfig, *, n
         raise DataError(f"{name}: no rows")
     fmt = detect_format(rows.column_names, cfg.column_map, source=name) if cfg.format == "auto" else cfg.format
     preference = fmt == "preference"
+    if preference and cfg.packing:
+        raise ConfigError(f"{name}: preference pairs cannot be packed; pass --data.no-packing")
     opts = dict(fmt=fmt, template=cfg.template, tokenizer=tokenizer, column_map=dict(cfg.column_map),
                 train_on=cfg.train_on, max_seq_len=cfg.max_seq_len)
+    kwargs = {"opts": opts, "preference": preference, "json_columns": tuple(json_columns)}
     out = rows.map(_map_batch, with_indices=True, batched=True, batch_size=256, remove_columns=rows.column_names,
-                   features=_output_features(preference), fn_kwargs={"opts": opts, "preference": preference, "json_columns": tuple(json_columns)},
-                   num_proc=cfg.num_proc, new_fingerprint=sources.fingerprint(rows, tokenizer, cfg, fmt),
+                   features=_output_features(preference), fn_kwargs=kwargs, num_proc=cfg.num_proc,
+                   new_fingerprint=sources.fingerprint(rows, tokenizer, cfg, fmt),
                    desc=f"tokenizing {name}")
     return _select_good(out, name, cfg, tokenizer.pad_id, preference, fmt)
 
