@@ -114,12 +114,12 @@ def test_classification_loss_trains_and_remat_matches():
     for x, y in zip(*grads):
         torch.testing.assert_close(x, y, atol=1e-6, rtol=0)
     first = (loss / n).item()
-    for _ in range(20):  # plain SGD on the pure loss: the classifier fits four examples
+    for _ in range(10):  # plain SGD on the pure loss: the classifier fits four examples
         loss, n = pf.models.loss_fn(cfg)(params, batch)
         step = torch.autograd.grad(loss / n, leaves)
         with torch.no_grad():
             for x, g in zip(leaves, step):
-                x -= 0.1 * g
+                x -= 0.2 * g
     assert (loss / n).item() < 0.5 * first
 
 

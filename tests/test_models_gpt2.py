@@ -148,3 +148,25 @@ def test_presets_and_bad_input():
         pf.models.family("gpt2").Config(n_embd=30, n_head=4)
     with pytest.raises(ConfigError, match="add_cross_attention"):
         pf.models.config_from_hf({"model_type": "gpt2", "add_cross_attention": True})
+
+
+def test_lora_on_conv1d_weights_equals_peft_fan_in_fan_out(tmp_path):
+    peft = pytest.importorskip("peft")
+    lora = pytest.importorskip("purefine.lora")
+    gpt2 = pf.models.family("gpt2")
+    model = make_hf_gpt2(tmp_path)
+    cfg, params = pf.checkpoint.load_hf(tmp_path)
+    params = lora.apply(params, rank=4, alpha=8, where=list(gpt2.LINEAR_LAYERS), seed=0)
+    gen = torch.Generator().manual_seed(1)
+    params = pf.tree.map_with_path(lambda p, x: torch.randn(x.shape, generator=gen) * 0.1 if p.endswith("lora_b") else x, params)
+    ref = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(gpt2.LINEAR_LAYERS),
+                                                     fan_in_fan_out=True))
+    flat = pf.tree.flatten(params)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if ".lora_" in name:  # peft's A (r, in) and B (out, r) are purefine's lora_a / lora_b as they are
+                ours = name.removeprefix("base_model.model.").replace(".lora_A.default.weight", ".weight.lora_a")
+                p.copy_(flat[ours.replace(".lora_B.default.weight", ".weight.lora_b")])
+    tokens = torch.randint(0, 64, (2, 8))
+    with torch.no_grad():
+        assert (pf.models.forward(cfg, params, tokens) - ref(tokens).logits).abs().max() < 1e-4

@@ -43,6 +43,11 @@ HEADS = {"classify": "BertForSequenceClassification", "mlm": "BertForMaskedLM"}
 ARCHITECTURE_HEADS = {**{v: k for k, v in HEADS.items()}, "BertForPreTraining": "mlm"}
 PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
 ENCODER_PREFIXES = ("embeddings.", "encoder.", "pooler.")
+# LoRA targets: peft's default for BERT, and every linear layer of the encoder (``all-linear``).
+LORA_TARGETS = ("query", "value")
+LINEAR_LAYERS = ("query", "key", "value", "dense")
+# The classification head, trained in full alongside LoRA adapters (peft's ``modules_to_save``).
+HEAD_PATTERN = r"(classifier|bert\.pooler\.dense)\.(weight|bias)"
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,9 @@ from purefine.errors import ConfigError
 from purefine.models import llama
 
 CONV1D = re.compile(r"transformer\.h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight")
+# LoRA targets: peft's default for GPT-2, and every linear layer (``all-linear``; c_proj is in attn and mlp).
+LORA_TARGETS = ("c_attn",)
+LINEAR_LAYERS = ("c_attn", "c_proj", "c_fc")
 # Buffers old checkpoints (the original ``gpt2`` upload) carry: the causal mask, not parameters.
 BUFFERS = re.compile(r"(transformer\.)?h\.\d+\.attn\.(bias|masked_bias)")
 
