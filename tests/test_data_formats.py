@@ -4,6 +4,8 @@ and (hypothesis) the decoded labelled tokens of random conversations."""
 
 from __future__ import annotations
 
+import json
+
 import jinja2
 import pytest
 from hypothesis import given, settings
@@ -143,6 +145,37 @@ def test_masking_labels_exactly_the_intended_tokens(messages):
             assert all(r[-1] == end for r in runs)
         s = tokenize_messages(messages, name, TOK, train_on="all")
         assert s.labels == [*s.tokens[1:], IGNORE_INDEX]
+
+
+@pytest.fixture(scope="module")
+def hf_tok(tmp_path_factory):
+    """A byte-level BPE tokenizer.json (GPT-2 / Llama-3 style) trained here, Llama-3 special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    specials = ["<|begin_of_text|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"]
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    backend.train_from_iterator(["the quick brown fox, 12 34 user assistant system hello world?!"] * 20, trainer)
+    path = tmp_path_factory.mktemp("hf-tok")
+    backend.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({"bos_token": specials[0], "eos_token": specials[1]}))
+    return load_tokenizer(path, model_vocab_size=512)
+
+
+@settings(max_examples=15, deadline=None)
+@given(conversations())
+def test_masking_is_exact_with_a_hugging_face_tokenizer(hf_tok, messages):
+    assert type(hf_tok).__name__ == "HFTokenizer"
+    answers = [m["content"] for m in messages if m["role"] == "assistant"]
+    eot = hf_tok.token_to_id("<|eot_id|>")
+    for name in ("alpaca", "llama2-chat", "llama3", "none"):
+        s = tokenize_messages(messages, name, hf_tok)
+        runs = labelled_runs(s.tokens, s.labels)
+        assert [hf_tok.decode(r[:-1]).strip() for r in runs] == answers and all(r[-1] == eot for r in runs), name
+        assert s.tokens[0] == hf_tok.token_to_id("<|begin_of_text|>")
 
 
 @settings(max_examples=25, deadline=None)

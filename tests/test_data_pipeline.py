@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 
 from purefine import models, ops
 from purefine.data import (
-    DEMO_TOKENIZER, DataConfig, Sample, SamplerState, batches, build, build_eval, collate_packed, from_samples,
-    load_tokenizer, unpack,
+    DEMO_TOKENIZER, DataConfig, Sample, SamplerState, SentencePieceTokenizer, batches, build, build_eval,
+    collate_packed, from_samples, load_tokenizer, unpack,
 )
 from purefine.errors import ConfigError, DataError
 
@@ -55,6 +55,23 @@ def test_local_jsonl_csv_parquet_give_the_same_samples(tmp_path, cfg):
         got = build(replace(cfg, source=str(tmp_path / name)), TOK)
         assert all_samples(got) == want and got.stats["format"] == "alpaca"
     assert (tmp_path / "cache").is_dir()
+
+
+def test_tokenization_is_cached_per_data_tokenizer_and_options(tmp_path, cfg):
+    class Counting(SentencePieceTokenizer):
+        calls = 0
+
+        def encode(self, text, **kw):
+            Counting.calls += 1
+            return super().encode(text, **kw)
+
+    c = replace(cfg, source=str(write_jsonl(tmp_path / "rows.jsonl", ROWS)))
+    first = build(c, Counting(DEMO_TOKENIZER))
+    calls = Counting.calls
+    assert calls >= len(ROWS)
+    assert all_samples(build(c, Counting(DEMO_TOKENIZER))) == all_samples(first) and Counting.calls == calls  # cached
+    build(replace(c, train_on="all"), Counting(DEMO_TOKENIZER))
+    assert Counting.calls > calls  # other options: tokenized again
 
 
 def test_directory_with_split_files_and_eval(tmp_path, cfg):
