@@ -124,7 +124,7 @@ def from_dict(cls: type, d: dict, source: str = "config", *, prefix: str = "") -
     fields = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(d) - fields)
     if unknown:
-        raise ConfigError(f"{source}: unknown key {prefix}{unknown[0]!r} (expected one of: {', '.join(sorted(fields))})")
+        raise ConfigError(f"{source}: unknown key {(prefix + unknown[0])!r} (expected one of: {', '.join(sorted(fields))})")
     kwargs = {k: _convert(hints[k], v, f"{prefix}{k}", source) for k, v in d.items()}
     try:
         return cls(**kwargs)
@@ -138,7 +138,7 @@ def merge(obj: Any, d: dict, source: str = "config", *, prefix: str = "") -> Any
     fields = {f.name for f in dataclasses.fields(obj)}
     unknown = sorted(set(d) - fields)
     if unknown:
-        raise ConfigError(f"{source}: unknown key {prefix}{unknown[0]!r} (expected one of: {', '.join(sorted(fields))})")
+        raise ConfigError(f"{source}: unknown key {(prefix + unknown[0])!r} (expected one of: {', '.join(sorted(fields))})")
     changes = {}
     for k, v in d.items():
         current = getattr(obj, k)

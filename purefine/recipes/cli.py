@@ -41,12 +41,13 @@ def parse(config_type: type[T], args: Sequence[str] | None = None, *, default: T
           description: str | None = None) -> T:
     """tyro.cli with usage errors folded to one line and exit status 2 (``--help`` still works)."""
     args = list(sys.argv[1:] if args is None else args)
+    kwargs = {"args": args, "description": description} | ({"default": default} if default is not None else {})
     if any(a in ("-h", "--help") for a in args):
-        return tyro.cli(config_type, args=args, default=default, description=description)
+        return tyro.cli(config_type, **kwargs)
     buf = io.StringIO()
     try:
         with contextlib.redirect_stderr(buf), contextlib.redirect_stdout(buf):
-            return tyro.cli(config_type, args=args, default=default, description=description)
+            return tyro.cli(config_type, **kwargs)
     except SystemExit as e:
         if e.code in (0, None):
             raise
