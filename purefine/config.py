@@ -215,6 +215,12 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                         ("--save-every", cfg.save_every), ("--eval-batches", cfg.eval_batches),
                         ("--optim.clip-norm", cfg.optim.clip_norm)):
         _positive(value, flag, allow_zero=True)
+    defaults = DataConfig()
+    for name, flag in (("max_seq_len", "--max-seq-len"), ("seed", "--seed")):
+        inner, outer = getattr(cfg.data, name), getattr(cfg, name)
+        if inner != getattr(defaults, name) and inner != outer:
+            raise ConfigError(f"--data.{name.replace('_', '-')} ({inner}) disagrees with {flag} ({outer}); "
+                              f"set {flag} only: the trainer passes it to the data pipeline")
     if not 0.0 <= cfg.lora.dropout < 1.0:
         raise ConfigError(f"--lora.dropout: must be in [0, 1), found {cfg.lora.dropout}")
     if cfg.checkpoint_dir is None:

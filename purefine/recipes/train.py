@@ -25,6 +25,24 @@ from purefine.logging import MetricsLogger, peak_memory_bytes
 
 # The frozen weights QLoRA stores in NF4: every attention and MLP projection (not embeddings / lm_head).
 QLORA_QUANTIZE = r".*\.(self_attn|mlp)\.\w+_proj\.weight"
+# Presets that ship pretrained weights inside the package (the demo base model).
+BUNDLED_DIR = Path(data.ASSETS_DIR)
+
+
+def bundled_checkpoint(model: str) -> Path | None:
+    """The bundled pretrained checkpoint of a preset (``llama-tiny``), or None."""
+    path = BUNDLED_DIR / model
+    return path if (path / "config.json").exists() else None
+
+
+def checkpoint_source(cfg: TrainConfig) -> Path | None:
+    """The checkpoint a run starts from: --checkpoint-dir, else the preset's bundled weights
+    (``--init auto``), else None (random init)."""
+    if cfg.init == "random":
+        return None
+    if cfg.checkpoint_dir is not None:
+        return Path(cfg.checkpoint_dir)
+    return bundled_checkpoint(cfg.model) if cfg.init == "auto" else None
 
 
 def pick_device(name: str) -> torch.device:
@@ -60,9 +78,9 @@ def load_model(cfg: TrainConfig, device: torch.device) -> tuple[Any, dict]:
     dtype = compute_dtype(cfg)
     frozen_dtype = dtype if cfg.peft != "none" else torch.float32  # full FT keeps fp32 masters
     quantize = QLORA_QUANTIZE if cfg.peft == "qlora" else None
-    use_checkpoint = cfg.checkpoint_dir is not None and cfg.init != "random"
-    if use_checkpoint:
-        return checkpoint.load_hf(cfg.checkpoint_dir, dtype=frozen_dtype, quantize=quantize, device=device)
+    source = checkpoint_source(cfg)
+    if source is not None:
+        return checkpoint.load_hf(source, dtype=frozen_dtype, quantize=quantize, device=device)
     model_cfg = models.preset(cfg.model) if cfg.checkpoint_dir is None else checkpoint.read_config(cfg.checkpoint_dir)[0]
     hook = None
     if quantize is not None:
@@ -76,10 +94,9 @@ def tokenizer_path(cfg: TrainConfig) -> Path:
     """--tokenizer, else the checkpoint's tokenizer files, else the bundled demo tokenizer."""
     if cfg.tokenizer is not None:
         return Path(cfg.tokenizer)
-    if cfg.checkpoint_dir is not None:
-        ck = Path(cfg.checkpoint_dir)
-        if (ck / "tokenizer.model").exists() or (ck / "tokenizer.json").exists():
-            return ck
+    for ck in (cfg.checkpoint_dir, bundled_checkpoint(cfg.model)):
+        if ck is not None and ((Path(ck) / "tokenizer.model").exists() or (Path(ck) / "tokenizer.json").exists()):
+            return Path(ck)
     return data.DEMO_TOKENIZER
 
 
@@ -122,7 +139,8 @@ def count_steps(cfg: TrainConfig, dataset: Any, world_size: int) -> int:
     state, n = data.SamplerState(seed=cfg.seed), 0
     while True:
         rows, state = data.sampler.plan_rows(dataset.lengths, state, rows=cfg.batch_size * world_size,
-                                             seq_len=cfg.max_seq_len, packing=cfg.data.packing, loop=False)
+                                             seq_len=cfg.max_seq_len, packing=cfg.data.packing,
+                                             shuffle=cfg.data.shuffle, loop=False)
         if not rows:
             break
         n += 1
@@ -212,7 +230,7 @@ def run_loop(cfg: TrainConfig, model_cfg: Any, state: train.TrainState, step_fn:
     """Step until ``total_steps``, logging every step; returns the summary with the final state."""
     sampler = data.SamplerState(seed=cfg.seed)
     stream = data.batches(train_set, batch_size=cfg.batch_size, seq_len=cfg.max_seq_len, packing=cfg.data.packing,
-                          sampler_state=sampler)
+                          sampler_state=sampler, shuffle=cfg.data.shuffle)
     losses: list[float] = []
     with MetricsLogger(out, every=cfg.log_every, total_steps=total_steps, tensorboard=cfg.tensorboard,
                        wandb=cfg.wandb, progress=cfg.progress, plot=cfg.plot, config=_loggable(cfg)) as logger:
