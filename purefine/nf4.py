@@ -45,6 +45,8 @@ in the compute dtype (each 8-byte table row read as one int64), then one multipl
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import functools
 import math
 import re
@@ -61,7 +63,7 @@ from purefine.errors import ConfigError, TreeError
 BLOCK_SIZE = 64      # values per absmax block
 GROUP_SIZE = 256     # block scales per int8 double-quantization group
 NORMAL_OFFSET = 0.9677083  # the QLoRA paper's outermost quantile, (1 - 1/(2·15) + 1 - 1/(2·16)) / 2
-_CHUNK_BLOCKS = 1 << 16  # blocks quantized per step: bounds the float32 temporaries to 16 MiB
+_CHUNK_BLOCKS = 1 << 12  # blocks quantized per step: 1 MiB float32 temporaries stay in cache (~5x faster than 16 MiB)
 
 ERR_NO_MATCH = "nf4.quantize: where={!r} matches no weight path (paths look like {})"
 ERR_NOT_FLOAT = "nf4: {} has dtype {}, expected a floating-point weight to quantize"
@@ -396,6 +398,26 @@ def dequantize(params: tree.Tree, dtype: torch.dtype | None = None) -> tree.Tree
     return tree.map(lambda x: x.dense(dtype) if isinstance(x, NF4) else x, params, is_leaf=_tensor_or_nf4)
 
 
+@functools.lru_cache(maxsize=1)
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+def release_free_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
+
+    A streaming load frees a full-precision tensor for every NF4 leaf it keeps; glibc keeps those
+    holes resident (measured: a 264 MiB float32 checkpoint loaded into 41 MiB of NF4 grew the
+    process by 190-380 MiB without this, 72 MiB with it).
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 def quantize_hook(pattern: str, then: Callable[[str, Any], Any] | None = None) -> Callable[[str, torch.Tensor], Any]:
     """A per-tensor hook ``(name, tensor) -> tensor or NF4`` for ``load_hf`` and ``models.init``:
     tensors whose name ``pattern`` matches in full become NF4 as soon as they exist, so a model
@@ -411,6 +433,8 @@ def quantize_hook(pattern: str, then: Callable[[str, Any], Any] | None = None) -
         if regex.fullmatch(name) is not None:
             out = quantize_tensor(tensor, name=name)
             matched.append(name)
+            if tensor.device.type == "cpu":
+                release_free_memory()
         return then(name, out) if then is not None else out
 
     hook.matched = matched  # type: ignore[attr-defined]
