@@ -1,0 +1,35 @@
+"""Scale out on torchrun + DTensor meshes: FSDP-style sharding, data, tensor and pipeline parallel.
+
+The same pure step runs on one process, on N CPU processes with gloo, and on N GPUs across nodes
+with NCCL, launched by ``torchrun``. Sharding is data: a plan maps weight-path regexes to
+tensor-parallel styles, and the mesh ``(dp_replicate, dp_shard, tp)`` (plus ``pp`` stages) says
+how every tensor is placed.
+
+    layout = pf.shard.layout(cfg.parallel, device)           # torchrun env -> process group + mesh
+    params = layout.shard_params(model_cfg, params)          # DTensors (this stage's, under pp)
+    step = layout.make_step(model_cfg, opt, trainable=pf.lora.trainable)
+    state = pf.train.init(params, opt, trainable=pf.lora.trainable)   # optimizer state sharded alike
+    for batch in pf.data.batches(ds, ..., rank=layout.dp_rank, world_size=layout.dp_size):
+        state, metrics = step(state, batch)
+    full = layout.full_params_for_save(state.params)         # on rank 0; every rank calls it
+
+Modules: ``plan`` (plans, placements, shard / unshard), ``gather`` (the FSDP gather hook and the
+tensor-parallel leaf kinds), ``pipeline`` (stages and the GPipe schedule), ``checkpoint_io``
+(sharded loading, gathering for saving, per-rank state), ``layout`` (torchrun, the mesh, the
+recipe's interface), ``bench`` (tokens/s of N processes against one).
+"""
+
+from purefine.shard.checkpoint_io import from_local_flat, gather_full, local_flat, make_reader
+from purefine.shard.gather import ColumnParallel, RowParallel, gather_tensor, make_gather
+from purefine.shard.layout import Layout, layout, resolve_sizes, settle_grads
+from purefine.shard.pipeline import make_pipeline_step, stage_ranges
+from purefine.shard.plan import (
+    GENERIC_PLAN, LLAMA_PLAN, PLANS, leaf_placements, local_nbytes, plan_for, shard, tensor_placements, unshard,
+)
+
+__all__ = [
+    "ColumnParallel", "GENERIC_PLAN", "LLAMA_PLAN", "Layout", "PLANS", "RowParallel", "from_local_flat",
+    "gather_full", "gather_tensor", "layout", "leaf_placements", "local_flat", "local_nbytes", "make_gather",
+    "make_pipeline_step", "make_reader", "plan_for", "resolve_sizes", "settle_grads", "shard", "stage_ranges",
+    "tensor_placements", "unshard",
+]

@@ -1,0 +1,251 @@
+"""The process layout of a run: torchrun's environment, the device mesh, and what the recipe asks of it.
+
+``layout(parallel, device)`` reads ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` (set by torchrun),
+starts the process group (gloo on CPU; NCCL for CUDA tensors with gloo beside it for CPU ones)
+and builds the mesh ``init_device_mesh(device, (dp_replicate, dp_shard, tp))`` — with a leading
+``pp`` dimension when pipeline stages are asked for. One process (no torchrun) gives a layout
+whose every method is the identity, so the recipe has one code path.
+
+``Layout`` answers: rank, world size, data-parallel rank and size, ``is_main``; and provides
+``shard_params``, ``gather`` (the FSDP / tensor-parallel hook), ``loss_fn`` (evaluation),
+``make_step`` (the training step with its sync hooks, or the pipeline schedule),
+``checkpoint_reader`` (each rank reads its own slices), ``full_params_for_save`` and
+``main_first`` (rank 0 builds caches first).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from purefine import models, optim, train
+from purefine.errors import ConfigError
+from purefine.shard import checkpoint_io, pipeline, plan
+from purefine.shard.gather import make_gather
+
+DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
+
+
+def resolve_sizes(parallel: Any, world_size: int) -> dict[str, int]:
+    """{pp, dp_replicate, dp_shard, tp} for ``world_size`` processes; ``dp_shard=-1`` takes what the
+    other dimensions leave. The product must equal the number of processes."""
+    sizes = {"pp": int(getattr(parallel, "pp", 1)), "dp_replicate": int(getattr(parallel, "dp_replicate", 1)),
+             "dp_shard": int(getattr(parallel, "dp_shard", -1)), "tp": int(getattr(parallel, "tp", 1))}
+    fixed = sizes["pp"] * sizes["dp_replicate"] * sizes["tp"]
+    if sizes["dp_shard"] == -1:
+        if world_size % fixed:
+            raise ConfigError(f"--parallel: pp x dp-replicate x tp = {fixed} does not divide the {world_size} "
+                              "processes torchrun started (WORLD_SIZE)")
+        sizes["dp_shard"] = world_size // fixed
+    product = fixed * sizes["dp_shard"]
+    if product != world_size:
+        shown = " x ".join(f"{k.replace('_', '-')} {v}" for k, v in sizes.items())
+        hint = "; launch with torchrun --nproc-per-node N" if world_size == 1 else ""
+        raise ConfigError(f"--parallel: {shown} = {product} processes, but {world_size} were started "
+                          f"(WORLD_SIZE){hint}")
+    return sizes
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    try:
+        return default if value is None else int(value)
+    except ValueError:
+        raise ConfigError(f"environment variable {name}: expected an integer, found {value!r}") from None
+
+
+def init_process_group(device: torch.device) -> tuple[int, int, torch.device]:
+    """(rank, world size, this process's device) from torchrun's environment, starting the process
+    group if there is more than one process. CUDA: ``cuda:LOCAL_RANK``."""
+    world = _env_int("WORLD_SIZE", 1)
+    if world == 1 and not dist.is_initialized():
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", _env_int("LOCAL_RANK", 0))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+        atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+@dataclass
+class Layout:
+    """Where this process sits: sizes of each mesh dimension, its rank, its device and its mesh.
+
+    ``mesh`` is the ("dp_replicate", "dp_shard", "tp") mesh of this pipeline stage (None on one
+    process); ``world_mesh`` has the leading "pp" dimension when ``sizes['pp'] > 1``.
+    """
+
+    sizes: dict[str, int]
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    mesh: Any = None
+    world_mesh: Any = None
+    microbatches: int = 0
+    template: Any = None  # pipeline only, set by shard_params: the full tree on the meta device
+    stage_ranges: Any = None  # pipeline only, set by shard_params: the layer range of each stage
+
+    @property
+    def distributed(self) -> bool:
+        return self.mesh is not None
+
+    @property
+    def is_main(self) -> bool:
+        """True on the process that logs and writes files (global rank 0)."""
+        return self.rank == 0
+
+    @property
+    def pp_size(self) -> int:
+        return self.sizes["pp"]
+
+    @property
+    def pp_rank(self) -> int:
+        return self.world_mesh.get_local_rank("pp") if self.pp_size > 1 else 0
+
+    @property
+    def dp_size(self) -> int:
+        """Data-parallel ranks: processes that see different batches (dp_replicate x dp_shard)."""
+        return self.sizes["dp_replicate"] * self.sizes["dp_shard"]
+
+    @property
+    def dp_rank(self) -> int:
+        if not self.distributed:
+            return 0
+        return self.mesh.get_local_rank("dp_replicate") * self.sizes["dp_shard"] + self.mesh.get_local_rank("dp_shard")
+
+    def dp_groups(self) -> list[Any]:
+        """The process groups of the data-parallel mesh dimensions larger than one."""
+        return [self.mesh.get_group(d) for d in ("dp_replicate", "dp_shard") if self.distributed and self.sizes[d] > 1]
+
+    @property
+    def gather(self) -> Callable[[Any], Any] | None:
+        """The models' ``gather`` hook (None on one process)."""
+        return make_gather(self.mesh) if self.distributed else None
+
+    def sum_over_dp(self, x: torch.Tensor) -> torch.Tensor:
+        """x summed over the data-parallel ranks (a new tensor on x's device)."""
+        out = x.detach().to(self.device).clone()
+        for group in self.dp_groups():
+            dist.all_reduce(out, group=group)
+        return out.to(x.device)
+
+    def shard_params(self, model_cfg: Any, params: Any) -> Any:
+        """The full params tree (the same on every rank) -> this rank's part: DTensors placed by
+        the family's plan; under pipeline parallelism only this stage's tensors (others None)."""
+        if not self.distributed:
+            return params
+        if self.pp_size > 1:
+            self.stage_ranges = pipeline.check_model(model_cfg, self.sizes)
+            self.template = pipeline.meta_template(params)
+            params = pipeline.stage_params(params, self.stage_ranges, self.pp_rank)
+        _check_heads(model_cfg, self.sizes["tp"])
+        return plan.shard(params, self.mesh, plan.plan_for(model_cfg))
+
+    def loss_fn(self, model_cfg: Any, *, chunk_size: int = 1024) -> Callable[[Any, dict], tuple[torch.Tensor, torch.Tensor]]:
+        """(params, batch) -> (loss sum, labelled tokens) of this rank's batch, on every rank of a
+        stage group (for evaluation; training goes through ``make_step``)."""
+        if self.pp_size > 1:
+            return pipeline.eval_loss_fn(model_cfg, self, chunk_size=chunk_size)
+        return models.loss_fn(model_cfg, chunk_size=chunk_size, gather=self.gather)
+
+    def make_step(self, model_cfg: Any, optimizer: optim.Optimizer, *, trainable: train.Filter = train.all_floating,
+                  remat: bool = False, chunk_size: int = 1024, clip_norm: float | None = None,
+                  compute_dtype: torch.dtype | None = None, skip_nonfinite: bool = False) -> Callable[..., Any]:
+        """``train.make_step`` with this layout's gather and sync hooks (or the pipeline schedule);
+        the step's ``loss`` metric is the global one on every rank."""
+        options = dict(trainable=trainable, clip_norm=clip_norm, compute_dtype=compute_dtype,
+                       skip_nonfinite=skip_nonfinite)
+        if self.pp_size > 1:
+            return pipeline.make_pipeline_step(model_cfg, optimizer, self, remat=remat, chunk_size=chunk_size, **options)
+        loss = models.loss_fn(model_cfg, chunk_size=chunk_size, remat=remat, gather=self.gather)
+        if not self.distributed:
+            return train.make_step(loss, optimizer, **options)
+        inner = train.make_step(loss, optimizer, sync_count=self.sum_over_dp, sync_grads=settle_grads, **options)
+
+        def step(state: train.TrainState, batch: Any) -> tuple[train.TrainState, dict[str, float]]:
+            state, metrics = inner(state, batch)
+            loss_value = self.sum_over_dp(torch.tensor(metrics["loss"], dtype=torch.float64))
+            return state, metrics | {"loss": float(loss_value)}
+
+        return step
+
+    def checkpoint_reader(self, model_cfg: Any, *, dtype: torch.dtype | None = None,
+                          quantize: str | None = None) -> Callable[..., Any] | None:
+        """The ``reader`` for ``checkpoint.load_hf``: each rank reads only the rows of its own
+        shards (None on one process: the plain load)."""
+        if not self.distributed:
+            return None
+        return checkpoint_io.make_reader(model_cfg, self, dtype=dtype, quantize=quantize)
+
+    def full_params_for_save(self, params: Any) -> Any:
+        """The full params tree (plain tensors on the CPU) on the main rank, None elsewhere. A
+        collective: every rank must call it."""
+        if not self.distributed:
+            return params
+        return checkpoint_io.gather_full(params, self)
+
+    @contextlib.contextmanager
+    def main_first(self) -> Iterator[None]:
+        """Run the body on rank 0 first, then on the others (e.g. building a dataset cache)."""
+        if self.distributed and not self.is_main:
+            dist.barrier()
+        yield
+        if self.distributed and self.is_main:
+            dist.barrier()
+
+
+def settle_grads(grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Gradients left as partial sums (a ``Partial`` placement) all-reduced into replicas; the
+    gather hook's backward already reduce-scatters / all-reduces the rest."""
+    out = {}
+    for path, g in grads.items():
+        placements = getattr(g, "placements", ())
+        if any(p.is_partial() for p in placements):
+            from torch.distributed.tensor import Replicate
+
+            g = g.redistribute(g.device_mesh, [Replicate() if p.is_partial() else p for p in placements])
+        out[path] = g
+    return out
+
+
+def _check_heads(model_cfg: Any, tp: int) -> None:
+    if tp == 1:
+        return
+    for name in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
+        value = getattr(model_cfg, name, None)
+        if value is not None and value % tp:
+            raise ConfigError(f"--parallel.tp {tp}: the model's {name} ({value}) must be a multiple of tp")
+
+
+def build_mesh(sizes: dict[str, int], device: torch.device) -> tuple[Any, Any]:
+    """(stage mesh over dp_replicate x dp_shard x tp, world mesh with pp when pp > 1)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if sizes["pp"] > 1:
+        world = init_device_mesh(device.type, tuple(sizes[d] for d in DIMS), mesh_dim_names=DIMS)
+        return world[DIMS[1:]], world
+    mesh = init_device_mesh(device.type, tuple(sizes[d] for d in DIMS[1:]), mesh_dim_names=DIMS[1:])
+    return mesh, None
+
+
+def layout(parallel: Any = None, device: torch.device | str = "cpu") -> Layout:
+    """The layout of this process for a ``ParallelConfig`` (dp_replicate, dp_shard, tp, pp,
+    microbatches): one process without torchrun, else the process group and the mesh."""
+    device = torch.device(device)
+    rank, world, device = init_process_group(device)
+    sizes = resolve_sizes(parallel, world)
+    microbatches = int(getattr(parallel, "microbatches", 0) or 0)
+    if world == 1:
+        return Layout(sizes, device=device, microbatches=microbatches)
+    mesh, world_mesh = build_mesh(sizes, device)
+    return Layout(sizes, rank, world, device, mesh, world_mesh, microbatches)
