@@ -193,7 +193,9 @@ class PurefineLM(TemplateLM):
 
     def _bos_text(self) -> str | None:
         bos = self.tokenizer.bos_id
-        return next((t for t, i in self.tokenizer.special_tokens.items() if i == bos), None) if bos is not None else None
+        if bos is None:
+            return None
+        return next((t for t, i in self.tokenizer.special_tokens.items() if i == bos), None)
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
         """Text -> ids; BOS first when ``add_special_tokens`` (default: the tokenizer's own behavior).
@@ -237,13 +239,13 @@ class PurefineLM(TemplateLM):
             groups.setdefault(json.dumps(request.args[1], sort_keys=True, default=str), []).append(i)
         results: list[str] = [""] * len(requests)
         for indices in groups.values():
-            options = self._generation_options(requests[indices[0]].args[1])
+            options = generation_options(requests[indices[0]].args[1], self.max_gen_toks)
             contexts = {i: self._context_ids(requests[i].args[0], options["max_new_tokens"]) for i in indices}
             ordered = sorted(indices, key=lambda i: -len(contexts[i]))
             for start in range(0, len(ordered), self.batch_size):
                 rows = ordered[start: start + self.batch_size]
-                outputs = generate.generate(self.cfg, self.params, [contexts[i] for i in rows], decode=self.tokenizer.decode,
-                                            eos_ids=(self.eot_token_id,), **options)
+                outputs = generate.generate(self.cfg, self.params, [contexts[i] for i in rows],
+                                            decode=self.tokenizer.decode, eos_ids=(self.eot_token_id,), **options)
                 for i, new in zip(rows, outputs):
                     results[i] = generate.trim_stop(self.tokenizer.decode(new), options["stop"])
                     self.cache_hook.add_partial("generate_until", requests[i].args, results[i])
@@ -256,18 +258,25 @@ class PurefineLM(TemplateLM):
                               f"model's max length {self.max_length}")
         return self.tok_encode(context)[-room:]
 
-    def _generation_options(self, gen_kwargs: dict) -> dict:
-        """lm-eval's generation kwargs (until, max_gen_toks, do_sample, temperature, top_k, top_p)
-        -> ``generate.generate`` keywords; unknown kwargs are an error naming them."""
-        from lm_eval.models.utils import normalize_gen_kwargs
 
-        unknown = sorted(set(gen_kwargs) - set(GEN_KWARGS))
-        if unknown:
-            raise ConfigError(f"generate_until: unsupported generation kwargs {unknown} (supported: {', '.join(GEN_KWARGS)})")
-        kwargs = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)
-        until = kwargs.get("until") or []
-        sampling = bool(kwargs.get("do_sample"))
-        return {"max_new_tokens": int(kwargs["max_gen_toks"]), "stop": [until] if isinstance(until, str) else list(until),
-                "temperature": float(kwargs.get("temperature", 0.0)) if sampling else 0.0,
-                "top_k": kwargs.get("top_k") if sampling else None, "top_p": kwargs.get("top_p") if sampling else None,
-                "seed": int(kwargs.get("seed", 0) or 0)}
+
+def generation_options(gen_kwargs: dict, default_max_new_tokens: int = DEFAULT_MAX_GEN_TOKS) -> dict:
+    """lm-eval's generation kwargs -> ``generate.generate`` keywords, as lm-eval's HF backend reads them:
+    ``until`` (a string or list), ``max_gen_toks`` (or an alias), greedy unless ``do_sample`` (default:
+    temperature > 0) with a positive ``temperature``, then ``top_k`` / ``top_p``. Unknown kwargs are an
+    error naming them."""
+    unknown = sorted(set(gen_kwargs) - set(GEN_KWARGS))
+    if unknown:
+        raise ConfigError(f"generate_until: unsupported generation kwargs {unknown} "
+                          f"(supported: {', '.join(GEN_KWARGS)})")
+    until = gen_kwargs.get("until") or []
+    limits = [gen_kwargs.get(k) for k in GEN_KWARGS[1:5] if gen_kwargs.get(k) is not None]
+    temperature = float(gen_kwargs.get("temperature") or 0.0)
+    do_sample = gen_kwargs.get("do_sample")
+    sampling = (temperature > 0 if do_sample is None else bool(do_sample)) and temperature > 0
+    return {"max_new_tokens": int(limits[0]) if limits else default_max_new_tokens,
+            "stop": [until] if isinstance(until, str) else list(until),
+            "temperature": temperature if sampling else 0.0,
+            "top_k": gen_kwargs.get("top_k") if sampling else None,
+            "top_p": gen_kwargs.get("top_p") if sampling else None,
+            "seed": int(gen_kwargs.get("seed") or 0)}

@@ -21,7 +21,9 @@ from hypothesis import strategies as st
 
 from purefine import checkpoint, data, models
 from purefine.errors import ConfigError
-from purefine.evaluate import HAVE_LM_EVAL, continuation_logprobs, local_tasks_dir, rolling_windows
+from purefine.evaluate import (
+    HAVE_LM_EVAL, continuation_logprobs, generation_options, local_tasks_dir, rolling_windows,
+)
 from tests.conftest import ROOT, make_hf_llama
 
 needs_lm_eval = pytest.mark.skipif(not HAVE_LM_EVAL, reason="lm-eval not installed (pip install 'purefine[eval]')")
@@ -152,6 +154,18 @@ def test_generate_until_rejects_unknown_kwargs(loaded):
     request = Instance("generate_until", {}, ("Hi", {"until": ["\n"], "num_beams": 4}), 0)
     with pytest.raises(ConfigError, match="num_beams"):
         lm.generate_until([request])
+
+
+def test_generation_options_follow_lm_eval():
+    greedy = generation_options({"until": "\n\n", "max_gen_toks": 32, "temperature": 0.7, "do_sample": False})
+    assert greedy == {"max_new_tokens": 32, "stop": ["\n\n"], "temperature": 0.0, "top_k": None, "top_p": None,
+                      "seed": 0}
+    sampled = generation_options({"until": ["a", "b"], "max_new_tokens": 5, "temperature": 0.5, "top_p": 0.9})
+    assert sampled["temperature"] == 0.5 and sampled["top_p"] == 0.9 and sampled["stop"] == ["a", "b"]
+    assert sampled["max_new_tokens"] == 5
+    assert generation_options({}, 17)["max_new_tokens"] == 17 and generation_options({})["temperature"] == 0.0
+    with pytest.raises(ConfigError, match="num_beams"):
+        generation_options({"num_beams": 4})
 
 
 def reference_logprob(cfg, params, context, continuation):

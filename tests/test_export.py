@@ -99,7 +99,8 @@ def test_bf16_export_is_the_fp32_export_rounded(base_dir, tmp_path):
     fp32 = main(ExportConfig(**common, output_dir=str(tmp_path / "fp32"), dtype="fp32"))
     bf16 = main(ExportConfig(**common, output_dir=str(tmp_path / "bf16")))
     assert json.loads((bf16 / "config.json").read_text())["torch_dtype"] == "bfloat16"
-    with safe_open(fp32 / "model.safetensors", framework="pt") as a, safe_open(bf16 / "model.safetensors", framework="pt") as b:
+    with (safe_open(fp32 / "model.safetensors", framework="pt") as a,
+          safe_open(bf16 / "model.safetensors", framework="pt") as b):
         assert sorted(a.keys()) == sorted(b.keys())
         for k in a.keys():
             assert b.get_tensor(k).dtype == torch.bfloat16

@@ -106,7 +106,8 @@ def read_prompts(path: str) -> list[str]:
         except json.JSONDecodeError as e:
             raise DataError(f"--prompts-file {file}: line {n}: not valid JSON ({e})") from None
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-            raise DataError(f"--prompts-file {file}: line {n}: expected an object with a \"prompt\" string, found {line[:80]!r}")
+            raise DataError(f"--prompts-file {file}: line {n}: expected an object with a \"prompt\" string, "
+                            f"found {line[:80]!r}")
         prompts.append(row["prompt"])
     return prompts
 
@@ -124,12 +125,14 @@ def prompt_tokens(prompt: str, template: str, tokenizer: data.Tokenizer, system:
     ending with the assistant header (``data.prompt_ids``), exactly as training encoded prompts."""
     if template == RAW:
         return tokenizer.encode(prompt, bos=True)
-    messages = ([{"role": "system", "content": system}] if system is not None else []) + [{"role": "user", "content": prompt}]
+    system_turn = [{"role": "system", "content": system}] if system is not None else []
+    messages = [*system_turn, {"role": "user", "content": prompt}]
     return data.prompt_ids(messages, template, tokenizer)
 
 
 def stop_ids(cfg: Any, tokenizer: data.Tokenizer, template: str) -> tuple[int, ...]:
-    """Token ids that end a completion: the tokenizer's EOS, the model config's eos ids, the template's end-of-turn tokens."""
+    """Token ids that end a completion: the model config's eos ids, the tokenizer's EOS and the
+    template's end-of-turn tokens (``<|im_end|>``, ``<|eot_id|>``)."""
     ids = list(generate.default_eos_ids(cfg)) + ([tokenizer.eos_id] if tokenizer.eos_id is not None else [])
     if template != RAW:
         ids += [i for t in data.get_template(template).stop_tokens if (i := tokenizer.token_to_id(t)) is not None]

@@ -76,11 +76,14 @@ def check_source(source: ModelSource) -> None:
     if source.run_dir is not None:
         for flag, value in (("--checkpoint-dir", source.checkpoint_dir), ("--adapter-dir", source.adapter_dir)):
             if value is not None:
-                raise ConfigError(f"{flag}: not allowed with --run-dir (the run's config.yaml names its base and adapter)")
+                raise ConfigError(f"{flag}: not allowed with --run-dir "
+                                  "(the run's config.yaml names its base and adapter)")
         if source.quantize:
-            raise ConfigError("--quantize: not allowed with --run-dir (the run's --peft decides whether the base is NF4)")
+            raise ConfigError("--quantize: not allowed with --run-dir "
+                              "(the run's --peft decides whether the base is NF4)")
     elif source.checkpoint_dir is None:
-        raise ConfigError("no model given: pass --run-dir (a training output) or --checkpoint-dir (an HF model directory)")
+        raise ConfigError("no model given: pass --run-dir (a training output) "
+                          "or --checkpoint-dir (an HF model directory)")
 
 
 def has_tokenizer(path: Path) -> bool:
@@ -115,7 +118,8 @@ def load_run(run_dir: Path, *, device: torch.device) -> LoadedModel:
                               "(relative paths are read from the current directory)")
     cfg, params = train.load_model(train_cfg, device)
     params = checkpoint.load_peft(run_dir / "adapter", params)
-    base = train_cfg.checkpoint_dir or train_cfg.model
+    source = train.checkpoint_source(train_cfg)  # --checkpoint-dir, a preset's bundled weights, or None
+    base = str(source) if source is not None else train_cfg.model
     return LoadedModel(cfg, params, Path(train.tokenizer_path(train_cfg)), base, template)
 
 
