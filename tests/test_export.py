@@ -107,8 +107,9 @@ def test_bf16_export_is_the_fp32_export_rounded(base_dir, tmp_path):
             assert torch.equal(a.get_tensor(k).to(torch.bfloat16), b.get_tensor(k))
 
 
-def test_qlora_export_equals_dequantized_model(base_dir, tmp_path):
-    adapter, params = adapter_dir(tmp_path, base_dir, dora=False, quantize=True)
+@pytest.mark.parametrize("dora", [False, True], ids=["qlora", "qdora"])
+def test_qlora_export_equals_dequantized_model(base_dir, tmp_path, dora):
+    adapter, params = adapter_dir(tmp_path, base_dir, dora=dora, quantize=True)
     out = main(ExportConfig(checkpoint_dir=str(base_dir), adapter_dir=str(adapter), quantize=True,
                             output_dir=str(tmp_path / "out"), dtype="fp32"))
     cfg, _ = checkpoint.read_config(base_dir)
@@ -159,6 +160,23 @@ def test_export_from_a_random_init_run(tmp_path, peft):
     out = main(ExportConfig(run_dir=str(tmp_path / "run"), output_dir=str(tmp_path / "out"), dtype="fp32"))
     assert (transformers_logits(out) - purefine_logits(model_cfg, params)).abs().max() < TOL
     assert (out / "tokenizer.model").read_bytes() == data.DEMO_TOKENIZER.read_bytes()
+
+
+def test_full_finetune_run_exports_its_model(base_dir, tmp_path):
+    """A --peft none run leaves model/ (with its tokenizer): --format hf re-writes it, --format peft refuses."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    cfg = TrainConfig(checkpoint_dir=str(base_dir), peft="none", output_dir=str(run_dir))
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    model_cfg, params = checkpoint.load_hf(base_dir)
+    params = tree.map(lambda x: x * 1.5 if x.ndim == 2 else x, params)  # "trained"
+    checkpoint.save_hf(run_dir / "model", model_cfg, params,
+                       extra_files={"tokenizer.model": base_dir / "tokenizer.model"})
+    out = main(ExportConfig(run_dir=str(run_dir), output_dir=str(tmp_path / "out"), dtype="fp32"))
+    assert (transformers_logits(out) - purefine_logits(model_cfg, params)).abs().max() < TOL
+    assert (out / "tokenizer.model").exists()
+    with pytest.raises(ConfigError, match="no adapter"):
+        main(ExportConfig(run_dir=str(run_dir), output_dir=str(tmp_path / "peft"), format="peft"))
 
 
 def test_export_refuses_to_overwrite(base_dir, tmp_path):
