@@ -183,12 +183,14 @@ def _layout(cfg: Any, hook_name: str, name: str, t: torch.Tensor) -> torch.Tenso
 
 def load_hf(
     path: str | os.PathLike, *, dtype: torch.dtype | None = None, hook: Hook | None = None,
-    device: Any = "cpu", quantize: str | None = None,
+    device: Any = "cpu", quantize: str | None = None, reader: Callable[[str, SafetensorsFile, str], Any] | None = None,
 ) -> tuple[Any, dict]:
     """Load an HF model directory -> (config, params tree keyed by the safetensors names).
 
     ``dtype`` converts floating tensors as they are read; ``hook(name, tensor)`` may replace each
     tensor by a leaf kind; ``quantize`` is a regex of weights to store in NF4 (QLoRA).
+    ``reader(params name, file, name in the file)``, if given, replaces the read, conversion and
+    hooks of each tensor after the checks (sharded loading: ``purefine.shard`` reads one rank's slice).
     """
     path = Path(path)
     cfg, _ = read_config(path)
@@ -208,6 +210,9 @@ def load_hf(
                 raise CheckpointError(f"{file.path}: tensor {source[name]!r} has shape {list(file.shape(source[name]))}, "
                                       f"config.json implies {list(want)}")
         for name in names:
+            if reader is not None:
+                flat[name] = reader(name, file, source[name])
+                continue
             t = _layout(cfg, "from_hf_tensor", name, file.read(source[name]))
             if dtype is not None and t.is_floating_point():
                 t = t.to(dtype)

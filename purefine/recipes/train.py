@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from purefine import checkpoint, data, fsutil, lora, models, optim, schedules, train, tree
+from purefine import checkpoint, data, fsutil, lora, models, optim, schedules, shard, train, tree
 from purefine.config import TrainConfig, to_yaml, validate
 from purefine.errors import ConfigError, PurefineError
 from purefine.logging import MetricsLogger, peak_memory_bytes
@@ -73,14 +73,17 @@ def prepare_output_dir(path: str) -> Path:
     return out
 
 
-def load_model(cfg: TrainConfig, device: torch.device) -> tuple[Any, dict]:
-    """(model config, params): from --checkpoint-dir, or a random init of --model; NF4 for QLoRA."""
+def load_model(cfg: TrainConfig, device: torch.device, layout: shard.Layout | None = None) -> tuple[Any, dict]:
+    """(model config, params): from --checkpoint-dir, or a random init of --model; NF4 for QLoRA.
+    Under a mesh (``layout``) each rank reads only its own slices of the checkpoint."""
     dtype = compute_dtype(cfg)
     frozen_dtype = dtype if cfg.peft != "none" else torch.float32  # full FT keeps fp32 masters
     quantize = QLORA_QUANTIZE if cfg.peft == "qlora" else None
     source = checkpoint_source(cfg)
     if source is not None:
-        return checkpoint.load_hf(source, dtype=frozen_dtype, quantize=quantize, device=device)
+        reader = layout.checkpoint_reader(checkpoint.read_config(source)[0], dtype=frozen_dtype,
+                                          quantize=quantize) if layout is not None else None
+        return checkpoint.load_hf(source, dtype=frozen_dtype, quantize=quantize, device=device, reader=reader)
     model_cfg = models.preset(cfg.model) if cfg.checkpoint_dir is None else checkpoint.read_config(cfg.checkpoint_dir)[0]
     hook = None
     if quantize is not None:
@@ -152,11 +155,12 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 def evaluate_loss(model_cfg: Any, params: dict, dataset: Any, cfg: TrainConfig, device: torch.device,
-                  dtype: torch.dtype) -> float | None:
-    """Mean token loss over the first ``--eval-batches`` batches of the held-out set."""
+                  dtype: torch.dtype, layout: shard.Layout | None = None) -> float | None:
+    """Mean token loss over the first ``--eval-batches`` batches of the held-out set (every rank
+    evaluates the same batches)."""
     if dataset is None or cfg.eval_batches == 0:
         return None
-    loss_fn = models.loss_fn(model_cfg)
+    loss_fn = layout.loss_fn(model_cfg) if layout is not None else models.loss_fn(model_cfg)
     total, count = 0.0, 0
     compute_params = train.cast_params(params, dtype)
     with torch.no_grad():
@@ -198,27 +202,34 @@ def tokenizer_files(path: Path) -> dict[str, Path]:
 def main(cfg: TrainConfig) -> dict:
     """Run the fine-tune described by ``cfg``; returns a summary (losses, throughput, outputs)."""
     cfg = validate(cfg)
-    out = prepare_output_dir(cfg.output_dir)
-    fsutil.atomic_write(out / "config.yaml", to_yaml(cfg))
-    device, dtype = pick_device(cfg.device), compute_dtype(cfg)
+    layout = shard.layout(cfg.parallel, pick_device(cfg.device))  # torchrun: process group and mesh
+    out = prepare_output_dir(cfg.output_dir) if layout.is_main else Path(cfg.output_dir)
+    if layout.is_main:
+        fsutil.atomic_write(out / "config.yaml", to_yaml(cfg))
+    device, dtype = layout.device, compute_dtype(cfg)
     torch.manual_seed(cfg.seed)
-    model_cfg, params = load_model(cfg, device)
+    model_cfg, params = load_model(cfg, device, layout)
     tok_path = tokenizer_path(cfg)
     tokenizer = data.load_tokenizer(tok_path, model_vocab_size=model_cfg.vocab_size)
     data_cfg = dataclasses.replace(cfg.data, max_seq_len=cfg.max_seq_len, seed=cfg.seed)
-    train_set, eval_set = data.build(data_cfg, tokenizer), data.build_eval(data_cfg, tokenizer)
+    with layout.main_first():  # rank 0 fills the tokenization cache, the others read it
+        train_set, eval_set = data.build(data_cfg, tokenizer), data.build_eval(data_cfg, tokenizer)
     params, trainable = apply_peft(cfg, params)
-    total_steps = count_steps(cfg, train_set, world_size=1)
+    params = layout.shard_params(model_cfg, params)
+    total_steps = count_steps(cfg, train_set, world_size=layout.dp_size)
     opt, schedule = make_optimizer(cfg.optim, total_steps)
-    step_fn = train.make_step(models.loss_fn(model_cfg, remat=cfg.remat), opt, trainable=trainable,
-                              clip_norm=cfg.optim.clip_norm or None, compute_dtype=dtype if dtype != torch.float32 else None,
-                              skip_nonfinite=cfg.nan_policy == "skip")
+    step_fn = layout.make_step(model_cfg, opt, trainable=trainable, remat=cfg.remat,
+                               clip_norm=cfg.optim.clip_norm or None, compute_dtype=dtype if dtype != torch.float32 else None,
+                               skip_nonfinite=cfg.nan_policy == "skip")
     state = train.init(params, opt, trainable=trainable, seed=cfg.seed, copy=False)
     n_trainable = sum(x.numel() for _, x in tree.filtered(params, trainable))
     del params
     summary = run_loop(cfg, model_cfg, state, step_fn, schedule, train_set, eval_set, total_steps, out, device, dtype,
-                       n_trainable)
-    summary["outputs"] = save_outputs(out, cfg, model_cfg, summary.pop("state").params, tok_path)
+                       n_trainable, layout)
+    full_params = layout.full_params_for_save(summary.pop("state").params)  # every rank takes part
+    if not layout.is_main:
+        return summary
+    summary["outputs"] = save_outputs(out, cfg, model_cfg, full_params, tok_path)
     fsutil.atomic_write(out / "summary.json", json.dumps(summary, indent=2))
     print(f"saved {', '.join(f'{k}: {v}' for k, v in summary['outputs'].items())}")
     return summary
@@ -226,17 +237,20 @@ def main(cfg: TrainConfig) -> dict:
 
 def run_loop(cfg: TrainConfig, model_cfg: Any, state: train.TrainState, step_fn: Any, schedule: Any,
              train_set: Any, eval_set: Any, total_steps: int, out: Path, device: torch.device,
-             dtype: torch.dtype, n_trainable: int) -> dict:
-    """Step until ``total_steps``, logging every step; returns the summary with the final state."""
+             dtype: torch.dtype, n_trainable: int, layout: shard.Layout | None = None) -> dict:
+    """Step until ``total_steps``, logging every step (on the main rank); returns the summary with
+    the final state."""
+    layout = layout or shard.layout()
     sampler = data.SamplerState(seed=cfg.seed)
     stream = data.batches(train_set, batch_size=cfg.batch_size, seq_len=cfg.max_seq_len, packing=cfg.data.packing,
-                          sampler_state=sampler, shuffle=cfg.data.shuffle)
+                          sampler_state=sampler, shuffle=cfg.data.shuffle, rank=layout.dp_rank, world_size=layout.dp_size)
     losses: list[float] = []
-    with MetricsLogger(out, every=cfg.log_every, total_steps=total_steps, tensorboard=cfg.tensorboard,
-                       wandb=cfg.wandb, progress=cfg.progress, plot=cfg.plot, config=_loggable(cfg)) as logger:
+    logger_cls = MetricsLogger if layout.is_main else _SilentLogger
+    with logger_cls(out, every=cfg.log_every, total_steps=total_steps, tensorboard=cfg.tensorboard,
+                    wandb=cfg.wandb, progress=cfg.progress, plot=cfg.plot, config=_loggable(cfg)) as logger:
         logger.write(f"model {getattr(model_cfg, 'model_type', '?')} | {cfg.peft} | trainable {n_trainable:,} params | "
                      f"{len(train_set)} samples | {total_steps} steps | {dtype} on {device}")
-        eval_loss = evaluate_loss(model_cfg, state.params, eval_set, cfg, device, dtype)
+        eval_loss = evaluate_loss(model_cfg, state.params, eval_set, cfg, device, dtype, layout)
         if eval_loss is not None:
             logger.write(f"eval_loss at start {eval_loss:.4f}")
         first_eval = eval_loss
@@ -254,10 +268,10 @@ def run_loop(cfg: TrainConfig, model_cfg: Any, state: train.TrainState, step_fn:
             metrics |= {"lr": lr, "tokens_per_s": metrics["tokens"] / seconds, "seconds": seconds,
                         "peak_memory": peak_memory_bytes(device)}
             if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < total_steps:
-                metrics["eval_loss"] = evaluate_loss(model_cfg, state.params, eval_set, cfg, device, dtype)
+                metrics["eval_loss"] = evaluate_loss(model_cfg, state.params, eval_set, cfg, device, dtype, layout)
             losses.append(metrics["loss"])
             logger.log(state.step, metrics)
-        eval_loss = evaluate_loss(model_cfg, state.params, eval_set, cfg, device, dtype)
+        eval_loss = evaluate_loss(model_cfg, state.params, eval_set, cfg, device, dtype, layout)
         if eval_loss is not None:
             logger.history[-1]["eval_loss"] = eval_loss
             logger.write(f"eval_loss at end {eval_loss:.4f}")
@@ -274,6 +288,25 @@ def check_finite(metrics: dict, step: int, cfg: TrainConfig) -> None:
     if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
         raise PurefineError(f"step {step}: non-finite loss {metrics['loss']} or grad norm {metrics['grad_norm']}; "
                             "lower --optim.lr, check the data, or pass --nan-policy skip")
+
+
+class _SilentLogger:
+    """The logger of the ranks other than the main one: keeps the history, writes nothing."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        self.history: list[dict] = []
+
+    def __enter__(self) -> _SilentLogger:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+    def write(self, line: str) -> None:
+        return None
+
+    def log(self, step: int, metrics: dict) -> None:
+        self.history.append({"step": step, **metrics})
 
 
 def _loggable(cfg: TrainConfig) -> dict:

@@ -42,15 +42,18 @@ def resolve_sizes(parallel: Any, world_size: int) -> dict[str, int]:
     if sizes["dp_shard"] == -1:
         if world_size % fixed:
             raise ConfigError(f"--parallel: pp x dp-replicate x tp = {fixed} does not divide the {world_size} "
-                              "processes torchrun started (WORLD_SIZE)")
+                              f"processes torchrun started (WORLD_SIZE){_launch_hint(world_size, fixed)}")
         sizes["dp_shard"] = world_size // fixed
     product = fixed * sizes["dp_shard"]
     if product != world_size:
         shown = " x ".join(f"{k.replace('_', '-')} {v}" for k, v in sizes.items())
-        hint = "; launch with torchrun --nproc-per-node N" if world_size == 1 else ""
         raise ConfigError(f"--parallel: {shown} = {product} processes, but {world_size} were started "
-                          f"(WORLD_SIZE){hint}")
+                          f"(WORLD_SIZE){_launch_hint(world_size, product)}")
     return sizes
+
+
+def _launch_hint(world_size: int, needed: int) -> str:
+    return f"; launch with torchrun --nproc-per-node {needed}" if world_size == 1 else ""
 
 
 def _env_int(name: str, default: int) -> int:
