@@ -1,0 +1,142 @@
+"""Sharding plans as data, in one process: placements per style and mesh, LoRA / NF4 children,
+shard regions against torch.chunk, the sliced double quantization, pipeline stage ranges."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.distributed.tensor import Replicate, Shard
+
+from purefine import lora, models, nf4, shard
+from purefine.errors import ConfigError
+from purefine.shard import checkpoint_io, pipeline, plan
+
+R = Replicate()
+SIZES = {"dp_replicate": 1, "dp_shard": 2, "tp": 2}
+
+
+@pytest.mark.parametrize("shape, style, sizes, expected", [
+    ((8, 4), None, dict(dp_shard=2, tp=1), (R, Shard(0), R)),          # FSDP alone: Shard(0)
+    ((8, 4), "colwise", dict(dp_shard=2, tp=1), (R, Shard(0), R)),     # tp = 1: the style does nothing
+    ((8, 4), "colwise", dict(dp_shard=2, tp=2), (R, Shard(1), Shard(0))),  # FSDP takes the dim tp leaves
+    ((8, 4), "rowwise", dict(dp_shard=2, tp=2), (R, Shard(0), Shard(1))),
+    ((8,), "colwise", dict(dp_shard=2, tp=2), (R, R, Shard(0))),       # a colwise bias: tp only
+    ((8,), "rowwise", dict(dp_shard=2, tp=2), (R, Shard(0), R)),       # a rowwise bias: added after the sum
+    ((), None, dict(dp_shard=2, tp=2), (R, R, R)),
+    ((8, 4), None, dict(dp_replicate=2, dp_shard=1, tp=1), (R, R, R)),  # data parallel: replicas
+])
+def test_tensor_placements(shape, style, sizes, expected) -> None:
+    assert plan.tensor_placements(shape, style, {"dp_replicate": 1, **sizes}) == expected
+
+
+def test_llama_plan_names_the_projections() -> None:
+    cfg = models.preset("llama-debug")
+    table = shard.plan_for(cfg)
+    styles = {p: plan.style_of(p, table) for p in models.param_shapes(cfg)}
+    assert styles["model.layers.1.self_attn.q_proj.weight"] == "colwise"
+    assert styles["model.layers.1.mlp.up_proj.weight"] == "colwise"
+    assert styles["model.layers.1.self_attn.o_proj.weight"] == "rowwise"
+    assert styles["model.layers.1.mlp.down_proj.weight"] == "rowwise"
+    assert {p for p, s in styles.items() if s is None} == {
+        p for p in styles if "norm" in p or "embed" in p or p.startswith("lm_head")}
+    assert shard.plan_for(SimpleNamespace(model_type="bert")) == shard.GENERIC_PLAN
+
+
+def _lora_leaf(dora: bool = False) -> lora.LoRA:
+    params = {"w": {"weight": torch.randn(16, 8)}}
+    return lora.apply(params, rank=4, alpha=8, where=r"w\.weight", dora=dora)["w"]["weight"]
+
+
+def test_lora_children_follow_the_tp_style() -> None:
+    col = plan.leaf_placements(_lora_leaf(dora=True), "q_proj.weight", "colwise", SIZES)
+    assert (col.base, col.lora_a, col.lora_b, col.magnitude) == (
+        (R, Shard(1), Shard(0)), (R, Shard(0), R), (R, Shard(1), Shard(0)), (R, R, Shard(0)))
+    row = plan.leaf_placements(_lora_leaf(), "o_proj.weight", "rowwise", SIZES)
+    assert (row.base, row.lora_a, row.lora_b) == ((R, Shard(0), Shard(1)), (R, Shard(0), Shard(1)), (R, Shard(0), R))
+    with pytest.raises(ConfigError, match="DoRA on a row-parallel weight"):
+        plan.leaf_placements(_lora_leaf(dora=True), "o_proj.weight", "rowwise", SIZES)
+
+
+@pytest.mark.parametrize("shape, ranks, split", [
+    ((256, 128), 2, True),    # 2 groups of 64*256 elements: one per rank
+    ((128, 128), 2, False),   # 1 group: not divisible, kept whole
+    ((256, 128), 1, False),   # no dp_shard
+    ((512, 128), 4, True),
+])
+def test_nf4_children_shard_only_whole_groups(shape, ranks, split) -> None:
+    q = nf4.quantize_tensor(torch.randn(shape))
+    placed = plan.leaf_placements(q, "mlp.up_proj.weight", None, {"dp_replicate": 1, "dp_shard": ranks, "tp": 1})
+    fsdp = Shard(0) if split else R
+    assert placed.codes == placed.scale_codes == placed.scale_factors == (R, fsdp, R)
+    assert placed.scale_mean == (R, R, R)
+
+
+def test_nf4_weights_refuse_tensor_parallel() -> None:
+    q = nf4.quantize_tensor(torch.randn(256, 128))
+    with pytest.raises(ConfigError, match="NF4 weight cannot be split over tensor parallel"):
+        plan.leaf_placements(q, "model.layers.0.mlp.up_proj.weight", "colwise", SIZES)
+
+
+def _fake_mesh(sizes: tuple[int, ...], coord: tuple[int, ...]) -> SimpleNamespace:
+    return SimpleNamespace(mesh=torch.empty(sizes), get_coordinate=lambda: list(coord))
+
+
+@settings(max_examples=40, deadline=None)
+@given(shape=st.lists(st.integers(1, 9), min_size=1, max_size=3), data=st.data())
+def test_local_region_is_the_torch_chunk_dtensor_gives(shape, data) -> None:
+    """Shard regions (a sharded read's rows) equal nested torch.chunk, empty trailing shards included."""
+    sizes = tuple(data.draw(st.integers(1, 4)) for _ in range(3))
+    dims = data.draw(st.permutations(range(len(shape))))
+    placements = tuple(Shard(dims[i]) if i < len(dims) and data.draw(st.booleans()) else R for i in range(3))
+    full = torch.arange(torch.Size(shape).numel()).reshape(shape)
+    for coord in torch.cartesian_prod(*[torch.arange(n) for n in sizes]).reshape(-1, 3).tolist():
+        region = checkpoint_io.local_region(tuple(shape), _fake_mesh(sizes, tuple(coord)), placements)
+        got = full
+        for d, (start, length) in enumerate(region):
+            got = got.narrow(d, start, length)
+        want = full
+        for i, p in enumerate(placements):
+            if isinstance(p, Shard):
+                chunks = want.chunk(sizes[i], dim=p.dim)
+                want = chunks[coord[i]] if coord[i] < len(chunks) else want.narrow(p.dim, 0, 0)
+        assert torch.equal(got, want), (shape, sizes, placements, coord)
+
+
+@settings(max_examples=10, deadline=None)
+@given(groups=st.integers(1, 4), ranks=st.sampled_from([1, 2, 4]), seed=st.integers(0, 2**16))
+def test_double_quantization_by_slices_equals_the_whole(groups, ranks, seed) -> None:
+    """Each rank's slice of whole groups, with the mean over all ranks, gives the same bits."""
+    blocks = groups * ranks * nf4.GROUP_SIZE
+    absmax = torch.rand(blocks, generator=torch.Generator().manual_seed(seed)) * 3
+    codes, factors, mean = nf4.double_quantize(absmax)
+    pieces = [checkpoint_io.double_quantize_with_mean(part, absmax.mean()) for part in absmax.chunk(ranks)]
+    assert torch.equal(torch.cat([c for c, _ in pieces]), codes)
+    assert torch.equal(torch.cat([f for _, f in pieces]), factors)
+
+
+def test_stage_ranges_and_owners() -> None:
+    assert shard.stage_ranges(5, 2) == [range(0, 3), range(3, 5)]
+    assert shard.stage_ranges(4, 4) == [range(i, i + 1) for i in range(4)]
+    with pytest.raises(ConfigError, match="only 2 layers"):
+        shard.stage_ranges(2, 3)
+    ranges = shard.stage_ranges(2, 2)
+    assert pipeline.owner_stage("model.embed_tokens.weight", ranges) == 0
+    assert pipeline.owner_stage("model.layers.1.mlp.up_proj.weight.lora_a", ranges) == 1
+    assert pipeline.owner_stage("lm_head.weight", ranges) == 1
+    cfg = models.preset("llama-debug")
+    stage = pipeline.stage_params(models.init(cfg, seed=0), ranges, 1)
+    assert stage["model"]["embed_tokens"]["weight"] is None and stage["model"]["layers"][0]["mlp"]["up_proj"]["weight"] is None
+    assert stage["model"]["layers"][1]["mlp"]["up_proj"]["weight"] is not None and stage["lm_head"]["weight"] is not None
+
+
+def test_pipeline_refuses_what_it_cannot_split() -> None:
+    tied = models.preset("llama3.2-1b")
+    with pytest.raises(ConfigError, match="untied embeddings"):
+        pipeline.check_model(tied, {"pp": 2})
+    with pytest.raises(ConfigError, match="supports llama"):
+        pipeline.check_model(models.preset("gpt2") if "gpt2" in models.presets() else SimpleNamespace(model_type="gpt2"),
+                             {"pp": 2})
