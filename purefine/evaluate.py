@@ -74,6 +74,8 @@ def _window(context: Sequence[int], continuation: Sequence[int], max_length: int
     """The model input of one request: (context + continuation) without its last token, left-cut to max_length."""
     if not continuation:
         raise ConfigError("loglikelihood: a request has an empty continuation (nothing to score)")
+    if not context:
+        raise ConfigError("loglikelihood: a request has an empty context; start it with the BOS id")
     if len(continuation) > max_length:
         raise ConfigError(f"loglikelihood: a continuation of {len(continuation)} tokens exceeds the model's "
                           f"max length {max_length}")

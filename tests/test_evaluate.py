@@ -203,6 +203,8 @@ def test_long_requests_are_cut_on_the_left():
         continuation_logprobs(cfg, params, [([1], list(range(12)))], max_length=10)
     with pytest.raises(ConfigError, match="empty continuation"):
         continuation_logprobs(cfg, params, [([1], [])])
+    with pytest.raises(ConfigError, match="empty context"):
+        continuation_logprobs(cfg, params, [([], [4, 5])])
 
 
 @needs_lm_eval
