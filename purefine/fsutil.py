@@ -25,6 +25,12 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
     """Write ``data`` to ``path`` so that a reader sees the old file or the whole new one."""
     path = Path(path)
@@ -53,8 +59,10 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
+        mode = 0o666 & ~_umask()
         for f in tmp.iterdir():
             if f.is_file():
+                os.chmod(f, mode)  # some writers create 0600 files; give them the usual permissions
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
         _fsync_dir(tmp)
