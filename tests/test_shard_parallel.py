@@ -108,6 +108,14 @@ def test_fsdp_rank_holds_half_the_params_and_optimizer_state(core_runs: Path, na
     assert (info["opt_local"] - step_counter) * 2 == info["opt_full"] - step_counter
 
 
+@pytest.mark.parametrize("name", ["fsdp_lora", "pp"])
+def test_resume_from_per_rank_files_under_the_same_mesh_continues_exactly(core_runs: Path, name: str) -> None:
+    """Each rank saves its local params and optimizer state (``shard.local_flat``), a fresh sharded
+    state takes them back (``shard.from_local_flat``): the next step gives the same bits."""
+    info = json.loads((core_runs / f"{name}.json").read_text())
+    assert info["resume_diff"] == 0.0
+
+
 def test_fsdp_qlora_shards_aligned_nf4_weights(core_runs: Path) -> None:
     """MLP weights (2 double-quantization groups) are split in halves; q/k/v/o (1 group) and the
     scalar scale means are replicated; every plain tensor is split."""

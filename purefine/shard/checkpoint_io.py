@@ -152,8 +152,14 @@ def make_reader(model_cfg: Any, layout: Any, *, dtype: torch.dtype | None = None
 
 
 def _full_on_main(x: torch.Tensor, main: bool) -> torch.Tensor | None:
+    """The full tensor on the CPU where ``main`` (its own memory: a replicated DTensor's full
+    tensor is its local buffer, which a later fused optimizer step would overwrite)."""
     full = x.full_tensor() if isinstance(x, DTensor) else x
-    return full.detach().cpu() if main else None
+    if not main:
+        return None
+    local = x.to_local() if isinstance(x, DTensor) else None
+    shared = local is not None and full.untyped_storage().data_ptr() == local.untyped_storage().data_ptr()
+    return full.detach().clone().cpu() if shared else full.detach().cpu()
 
 
 def gather_full(params: Any, layout: Any) -> Any:

@@ -33,9 +33,9 @@ SCENARIOS: dict[str, dict] = {
     "dp": dict(parallel=dict(dp_replicate=2, dp_shard=1), peft="none"),
     "tp": dict(parallel=dict(dp_shard=1, tp=2), peft="none"),
     "tp_lora": dict(parallel=dict(dp_shard=1, tp=2), peft="lora"),
-    "pp": dict(parallel=dict(dp_shard=1, pp=2, microbatches=2), peft="none"),
+    "pp": dict(parallel=dict(dp_shard=1, pp=2, microbatches=2), peft="none", resume=True),
     "pp_lora_remat": dict(parallel=dict(dp_shard=1, pp=2, microbatches=2), peft="lora", remat=True),
-    "fsdp_lora": dict(parallel=dict(dp_shard=2), peft="lora"),
+    "fsdp_lora": dict(parallel=dict(dp_shard=2), peft="lora", resume=True),
     "fsdp_qlora": dict(parallel=dict(dp_shard=2), peft="qlora"),
 }
 
@@ -96,7 +96,30 @@ def reference(name: str) -> tuple[list[float], list[float], dict[str, torch.Tens
     return losses, norms, tree.flatten(state.params)
 
 
-def run_sharded(name: str) -> tuple[list[float], object, dict]:
+def check_resume(out: Path, name: str, layout: object, step: object, state: train.TrainState,
+                 batch: list[dict]) -> float:
+    """Save this rank's local params and optimizer state, restore them into a freshly sharded
+    state, and take one more step from both: the largest difference of the full params."""
+    from safetensors.torch import load_file, save_file
+
+    from purefine import shard
+
+    files = {k: out / f"{name}.rank{layout.rank}.{k}.safetensors" for k in ("params", "opt")}
+    save_file(shard.local_flat(state.params), files["params"])
+    save_file(shard.local_flat(state.opt_state), files["opt"])
+    cfg, params, trainable = build(name)
+    fresh = train.init(layout.shard_params(cfg, params), optimizer(name), trainable=trainable, copy=False)
+    resumed = fresh.replace(step=state.step, rng=state.rng,
+                            params=shard.from_local_flat(fresh.params, load_file(files["params"])),
+                            opt_state=shard.from_local_flat(fresh.opt_state, load_file(files["opt"])))
+    a = layout.full_params_for_save(step(resumed, batch)[0].params)
+    b = layout.full_params_for_save(step(state, batch)[0].params)
+    if not layout.is_main:
+        return 0.0
+    return max(float((x - y).abs().max()) for x, y in zip(tree.flatten(a).values(), tree.flatten(b).values()))
+
+
+def run_sharded(name: str, out: Path) -> tuple[list[float], object, dict]:
     """This rank's run of a scenario: (losses, full params on rank 0 else None, byte counts and
     gradient norms)."""
     from purefine import shard
@@ -116,7 +139,11 @@ def run_sharded(name: str) -> tuple[list[float], object, dict]:
         norms.append(metrics["grad_norm"])
     counts = {"params_local": shard.local_nbytes(state.params), "params_full": full_bytes,
               "opt_local": shard.local_nbytes(state.opt_state), "opt_full": opt_full, "grad_norms": norms}
-    return losses, layout.full_params_for_save(state.params), counts
+    full = layout.full_params_for_save(state.params)
+    if spec.get("resume"):
+        batch = [rows_of(b, layout.dp_rank, layout.dp_size) for b in batches(cfg, STEPS)]
+        counts["resume_diff"] = check_resume(out, name, layout, step, state, batch)
+    return losses, full, counts
 
 
 def save(out: Path, name: str, losses: list[float], params: object, info: dict) -> None:
@@ -165,7 +192,7 @@ def main(argv: list[str]) -> None:
     rank = int(os.environ.get("RANK", "0"))
     for name in names:
         try:
-            losses, full, counts = run_sharded(name)
+            losses, full, counts = run_sharded(name, out)
             if rank == 0:
                 save(out, name, losses, full, counts)
         except Exception:  # recorded for the test to show; the other scenarios still run
