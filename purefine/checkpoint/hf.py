@@ -201,6 +201,9 @@ def load_hf(
     if quantize is not None:
         from purefine import nf4  # layer 2; imported only when asked for
 
+        if not any(re.fullmatch(quantize, n) for n in expected):
+            raise ConfigError(f"quantize: the pattern {quantize!r} matches no tensor of {path} "
+                              f"(names look like {next(iter(expected))!r})")
         hook = nf4.quantize_hook(quantize, then=hook)
     flat: dict[str, Any] = {}
     for file, names in _group_by_file(list(expected), index):
