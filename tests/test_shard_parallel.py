@@ -26,13 +26,14 @@ from tests.dist import parallel_worker as worker
 
 CORE = ["fsdp", "dp", "tp", "pp", "fsdp_lora", "fsdp_qlora"]
 EXTRA = ["fsdp_adamw", "tp_lora", "pp_lora_remat"]
+FOUR = ["hsdp", "fsdp_tp", "fsdp_tp_lora", "pp_fsdp", "pp_tp"]  # on 4 processes
 TOLERANCE = 1e-5
 
 
-def torchrun(args: list[str], out: Path, timeout: int = 300) -> None:
-    """Run ``torchrun --standalone --nproc-per-node 2 <args>`` (a free port each time); fail with its output."""
+def torchrun(args: list[str], out: Path, timeout: int = 300, nproc: int = 2) -> None:
+    """Run ``torchrun --standalone --nproc-per-node N <args>`` (a free port each time); fail with its output."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), *args]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     errors = "\n".join(p.read_text() for p in sorted(out.glob("*.error")))
     assert done.returncode == 0, f"torchrun failed ({done.returncode}):\n{errors}\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
@@ -64,6 +65,13 @@ def one_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def four_process_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("parallel-four")
+    torchrun(["tests/dist/parallel_worker.py", str(out), *FOUR], out, timeout=600, nproc=4)
+    return out
 
 
 def check_scenario(out: Path, name: str) -> dict:
@@ -98,6 +106,15 @@ def test_more_layouts_match_one_process(extra_runs: Path, name: str) -> None:
     """AdamW state as DTensors, LoRA under tensor parallel (partial A/B gradients), pipeline with
     LoRA and activation checkpointing."""
     check_scenario(extra_runs, name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", FOUR)
+def test_composed_layouts_on_four_processes_match_one_process(four_process_runs: Path, name: str) -> None:
+    """HSDP (replicate x shard), FSDP x TP (FSDP on the dim TP leaves), PP x FSDP, PP x TP."""
+    info = check_scenario(four_process_runs, name)
+    if name == "pp_fsdp":
+        assert info["resume_diff"] == 0.0
 
 
 @pytest.mark.parametrize("name", ["fsdp", "fsdp_lora"])

@@ -37,6 +37,12 @@ SCENARIOS: dict[str, dict] = {
     "pp_lora_remat": dict(parallel=dict(dp_shard=1, pp=2, microbatches=2), peft="lora", remat=True),
     "fsdp_lora": dict(parallel=dict(dp_shard=2), peft="lora", resume=True),
     "fsdp_qlora": dict(parallel=dict(dp_shard=2), peft="qlora"),
+    # 4 processes: the dimensions composed
+    "hsdp": dict(parallel=dict(dp_replicate=2, dp_shard=2), peft="none"),
+    "fsdp_tp": dict(parallel=dict(dp_shard=2, tp=2), peft="none"),
+    "fsdp_tp_lora": dict(parallel=dict(dp_shard=2, tp=2), peft="lora"),
+    "pp_fsdp": dict(parallel=dict(dp_shard=2, pp=2, microbatches=2), peft="lora", resume=True),
+    "pp_tp": dict(parallel=dict(dp_shard=1, tp=2, pp=2, microbatches=2), peft="none"),
 }
 
 
