@@ -81,8 +81,9 @@ def load_model(cfg: TrainConfig, device: torch.device, layout: shard.Layout | No
     quantize = QLORA_QUANTIZE if cfg.peft == "qlora" else None
     source = checkpoint_source(cfg)
     if source is not None:
+        sliced = layout is not None and cfg.peft != "dora"  # DoRA's magnitude is set from whole weights
         reader = layout.checkpoint_reader(checkpoint.read_config(source)[0], dtype=frozen_dtype,
-                                          quantize=quantize) if layout is not None else None
+                                          quantize=quantize) if sliced else None
         return checkpoint.load_hf(source, dtype=frozen_dtype, quantize=quantize, device=device, reader=reader)
     model_cfg = models.preset(cfg.model) if cfg.checkpoint_dir is None else checkpoint.read_config(cfg.checkpoint_dir)[0]
     hook = None

@@ -109,6 +109,7 @@ def compare(args: BenchArgs) -> dict:
 
 
 def main() -> None:
+    """``python -m purefine.shard.bench``: print ``compare``'s JSON (or, with --worker, one timing)."""
     import tyro
 
     args = tyro.cli(BenchArgs)

@@ -100,6 +100,7 @@ class Layout:
 
     @property
     def distributed(self) -> bool:
+        """True with a mesh (more than one process)."""
         return self.mesh is not None
 
     @property
@@ -109,10 +110,12 @@ class Layout:
 
     @property
     def pp_size(self) -> int:
+        """Pipeline stages."""
         return self.sizes["pp"]
 
     @property
     def pp_rank(self) -> int:
+        """This process's pipeline stage."""
         return self.world_mesh.get_local_rank("pp") if self.pp_size > 1 else 0
 
     @property
@@ -122,6 +125,7 @@ class Layout:
 
     @property
     def dp_rank(self) -> int:
+        """This process's data-parallel index in [0, dp_size): which rows of the global batch it takes."""
         if not self.distributed:
             return 0
         return self.mesh.get_local_rank("dp_replicate") * self.sizes["dp_shard"] + self.mesh.get_local_rank("dp_shard")
