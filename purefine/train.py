@@ -156,8 +156,10 @@ def make_step(
         norm = optim.global_norm(grads)
         loss_value, norm_value = float(loss), float(norm)
         metrics = {"loss": loss_value, "tokens": int(total), "grad_norm": norm_value, "skipped": 0}
-        if skip_nonfinite and not (math.isfinite(loss_value) and math.isfinite(norm_value)):
-            return state.replace(step=state.step + 1, rng=rng), metrics | {"skipped": 1}
+        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+            metrics["nonfinite_grads"] = nonfinite_paths(grads)
+            if skip_nonfinite:
+                return state.replace(step=state.step + 1, rng=rng), metrics | {"skipped": 1}
         if clip_norm is not None:
             grads = _clip(grads, norm, clip_norm)
         leaves = trainable_leaves(state.params, trainable)
@@ -166,6 +168,18 @@ def make_step(
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng), metrics
 
     return step
+
+
+def nonfinite_paths(tensors: dict[str, torch.Tensor], limit: int = 10) -> list[str]:
+    """The first ``limit`` paths whose tensor holds a NaN or an infinity (the NaN guard's diagnostic)."""
+    bad = []
+    for p, x in tensors.items():
+        local = x.to_local() if type(x).__name__ == "DTensor" else x
+        if not bool(torch.isfinite(local).all()):
+            bad.append(p)
+            if len(bad) == limit:
+                break
+    return bad
 
 
 def _scaled_loss(loss_fn: LossFn, params: Any, batch: Batch, total: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
