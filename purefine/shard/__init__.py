@@ -16,10 +16,10 @@ how every tensor is placed.
 Modules: ``plan`` (plans, placements, shard / unshard), ``gather`` (the FSDP gather hook and the
 tensor-parallel leaf kinds), ``pipeline`` (stages and the GPipe schedule), ``checkpoint_io``
 (sharded loading, gathering for saving, per-rank state), ``layout`` (torchrun, the mesh, the
-recipe's interface), ``bench`` (tokens/s of N processes against one).
+recipe's interface), ``bench`` (``bench_parallel``: tokens/s of N processes against one;
+``python -m purefine.shard.bench``).
 """
 
-from purefine.shard.bench import bench_parallel
 from purefine.shard.checkpoint_io import from_local_flat, gather_full, local_flat, make_reader
 from purefine.shard.gather import ColumnParallel, RowParallel, gather_tensor, make_gather
 from purefine.shard.layout import Layout, layout, resolve_sizes, settle_grads
@@ -29,7 +29,7 @@ from purefine.shard.plan import (
 )
 
 __all__ = [
-    "ColumnParallel", "GENERIC_PLAN", "bench_parallel", "LLAMA_PLAN", "Layout", "PLANS", "RowParallel", "from_local_flat",
+    "ColumnParallel", "GENERIC_PLAN", "LLAMA_PLAN", "Layout", "PLANS", "RowParallel", "from_local_flat",
     "gather_full", "gather_tensor", "layout", "leaf_placements", "local_flat", "local_nbytes", "make_gather",
     "make_pipeline_step", "make_reader", "plan_for", "resolve_sizes", "settle_grads", "shard", "stage_ranges",
     "tensor_placements", "unshard",
