@@ -21,6 +21,11 @@ backward). For every DTensor it:
    one) gets a partial gradient on each tp rank: its grad placement over tp is ``Partial()``.
 
 With no DTensor in the subtree (one process), ``gather`` returns it unchanged.
+
+Memory: with ``remat=True`` a block's gathered weights live only while the block runs (forward,
+then its recomputation in backward) — FSDP's saving. Without it autograd keeps every block's
+gathered weights until that block's backward. LoRA dropout on a row-parallel input draws its mask
+on the local slice, so it differs from a one-process run's mask (same distribution).
 """
 
 from __future__ import annotations
