@@ -257,19 +257,74 @@ def _chunk_loss(h: torch.Tensor, w: Any, labels: torch.Tensor) -> torch.Tensor:
     return cross_entropy(linear(h, w), labels)[0]
 
 
+def _linear_cross_entropy(h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, chunk_size: int, need_h: bool,
+                          need_w: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(summed loss, dL/dh or None, dL/dw (float32) or None), one (chunk x V) logits block at a time."""
+    grad_h = torch.zeros_like(h) if need_h else None
+    grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
+    total = torch.zeros((), dtype=torch.float32, device=h.device)
+    for start in range(0, h.shape[0], chunk_size):
+        hc, lc = h[start : start + chunk_size], labels[start : start + chunk_size]
+        valid = lc != IGNORE_INDEX
+        if not bool(valid.any()):
+            continue
+        logits = F.linear(hc, w).float()
+        lse = torch.logsumexp(logits, dim=-1)
+        target = lc.clamp(min=0)
+        total = total + ((lse - logits.gather(1, target[:, None])[:, 0]) * valid).sum()
+        if need_h or need_w:
+            d = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+            d[torch.arange(d.shape[0], device=d.device), target] -= 1.0
+            d = (d * valid[:, None]).to(h.dtype)
+            if need_h:
+                grad_h[start : start + chunk_size] = d @ w
+            if need_w:
+                grad_w += (d.t() @ hc).float()
+    return total, grad_h, grad_w
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of ``h @ wᵀ`` whose gradients are formed chunk by chunk in forward.
+
+    The loss is a scalar, so dL/dh and dL/dw are known as soon as each chunk's softmax is: they are
+    accumulated there and only they are saved (N x D, and V x D when w trains), never the logits,
+    and nothing is recomputed in backward (a checkpointed chunk would run the projection twice).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, chunk_size: int) -> torch.Tensor:
+        total, grad_h, grad_w = _linear_cross_entropy(h, w, labels, chunk_size, *ctx.needs_input_grad[:2])
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.w_dtype = w.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
+        grad_h, grad_w = ctx.saved_tensors
+        gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
+        gw = (grad_w * grad_out).to(ctx.w_dtype) if grad_w is not None else None
+        return gh, gw, None, None
+
+
 def chunked_cross_entropy(
     h: torch.Tensor, w: Any, labels: torch.Tensor, *, chunk_size: int = 1024
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """h (N, D) hidden states, w (V, D) output weight, labels (N,) -> (loss sum, label count).
 
     The 2-D hidden states are chunked *before* the output projection (slicing a 3-D activation
-    per chunk would copy a frozen bf16 weight each time on CPU), and each chunk's logits are
-    recomputed in backward instead of saved, so at most one (chunk x V) logits block is alive.
+    per chunk would copy a frozen bf16 weight each time on CPU). For a plain weight the gradients
+    are formed chunk by chunk in forward (``_LinearCrossEntropy``); for a leaf kind (a LoRA'd
+    lm_head) each chunk is checkpointed and recomputed in backward. Either way at most one
+    (chunk x V) logits block is alive.
     """
     if h.dim() != 2:
         raise ValueError(f"chunked_cross_entropy: expected 2-D hidden states (N, D), got {tuple(h.shape)}")
-    n = h.shape[0]
     count = (labels != IGNORE_INDEX).sum()
+    if type(w) is torch.Tensor:
+        if torch.is_grad_enabled() and (h.requires_grad or w.requires_grad):
+            return _LinearCrossEntropy.apply(h, w, labels, chunk_size), count
+        return _linear_cross_entropy(h, w, labels, chunk_size, False, False)[0], count
+    n = h.shape[0]
     if n <= chunk_size:
         return _chunk_loss(h, w, labels), count
     total = h.new_zeros((), dtype=torch.float32)
