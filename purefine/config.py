@@ -34,8 +34,8 @@ class LoraConfig:
     """Scale numerator: the update is (alpha / rank) * B A (alpha / sqrt(rank) with rslora)."""
     dropout: float = 0.0
     """Dropout on the adapter's input while training."""
-    targets: tuple[str, ...] = ("q_proj", "v_proj")
-    """Projections to adapt: any of q_proj k_proj v_proj o_proj gate_proj up_proj down_proj lm_head, or one regex over weight paths."""
+    targets: tuple[str, ...] = ("default",)
+    """Modules to adapt: default (the family's: q_proj v_proj for Llama/Mistral/Qwen2, c_attn for GPT-2, query value for BERT), all-linear, module names (q_proj k_proj ... lm_head, c_attn c_proj c_fc, query key value dense), or one regex over weight paths."""
     rslora: bool = False
     """Rank-stabilized scaling alpha / sqrt(rank)."""
 

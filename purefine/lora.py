@@ -55,17 +55,21 @@ from purefine import ops, tree
 from purefine.errors import ConfigError
 
 ADAPTER_CHILDREN = ("lora_a", "lora_b", "magnitude")
-DEFAULT_TARGETS = ("q_proj", "v_proj")
-KNOWN_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
-ALL_LINEAR = "all-linear"  # every attention and MLP projection (not lm_head), as PEFT's "all-linear"
+DEFAULT_TARGETS = ("q_proj", "v_proj")  # Llama's; each model family names its own (models.lora_targets)
+# Every linear layer but the output head, as PEFT's "all-linear": the module names of every 2-D
+# weight of the params, embedding tables and output heads left out (any family, see linear_modules).
+ALL_LINEAR = "all-linear"
+# Module names of embedding tables across HF families (embed_tokens, word_embeddings, embed_in, wte, wpe).
+EMBEDDING = re.compile(r".*embed.*|wte|wpe")
+OUTPUT_HEADS = ("lm_head", "embed_out")
 
 ERR_RANK = "lora rank: expected a positive integer, found {!r}"
-ERR_NO_MATCH = "lora target {!r} matches no weight in the params (weights look like {})"
-ERR_TIED = ("lora target {!r} asks for lm_head, but this model ties lm_head to model.embed_tokens.weight "
+ERR_NO_MATCH = "lora target {!r} matches no weight in the params (linear modules here: {})"
+ERR_TIED = ("lora target {!r} asks for lm_head, but this model ties lm_head to {} "
             "(tie_word_embeddings=true), so the params hold no separate lm_head.weight; LoRA on a tied "
             "lm_head is not supported: drop lm_head from the targets or untie the embeddings")
 ERR_NOT_2D = "lora target {!r}: {} has shape {}, expected a 2-D (out, in) weight"
-ERR_EMBED = "lora target {!r}: {} is an embedding table; LoRA targets linear layers (q/k/v/o, gate/up/down, lm_head)"
+ERR_EMBED = "lora target {!r}: {} is an embedding table; LoRA targets linear layers (projections, lm_head)"
 ERR_TWICE = "lora target {!r}: {} already has a LoRA adapter"
 
 
@@ -188,45 +192,81 @@ def trainable_with(include: str | None = None) -> tree.Filter:
 
 
 def target_regex(where: str | Sequence[str]) -> str:
-    """The weight-path regex for ``where``: a regex (kept as is), ``"all-linear"``, or module names.
+    """The weight-path regex for ``where``: a regex (kept as is) or module names.
 
     ``["q_proj", "v_proj"]`` -> ``(?:.*\\.)?(?:q_proj|v_proj)\\.weight``: any module of that name.
+    ``"all-linear"`` depends on the params: ``select_targets`` expands it with ``linear_modules``.
     """
     if isinstance(where, str):
-        if where != ALL_LINEAR:
-            return where
-        where = KNOWN_TARGETS[:-1]
+        return where
     names = list(where)
     for name in names:
         if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][\w.]*", name):
-            raise ConfigError(f"lora target {name!r}: expected a module name such as {', '.join(KNOWN_TARGETS)}")
+            raise ConfigError(f"lora target {name!r}: expected a module name such as q_proj (Llama), c_attn "
+                              f"(GPT-2) or query (BERT), or a regex string")
     if not names:
         raise ConfigError("lora targets: expected at least one module name, found an empty list")
     return r"(?:.*\.)?(?:" + "|".join(re.escape(n) for n in names) + r")\.weight"
 
 
-def _named_regexes(where: str | Sequence[str]) -> list[tuple[str, str]]:
+def _module_name(path: str) -> str:
+    """``model.layers.0.self_attn.q_proj.weight`` -> ``q_proj``."""
+    parts = path.rsplit(".", 2)
+    return parts[-2] if len(parts) > 1 else ""
+
+
+def is_embedding(path: str) -> bool:
+    """True for a weight path whose module is an embedding table (``embed_tokens``, ``wte``, ...)."""
+    return EMBEDDING.fullmatch(_module_name(path)) is not None
+
+
+def linear_modules(params: tree.Tree) -> list[str]:
+    """The module names ``"all-linear"`` stands for in ``params``: every module holding a 2-D
+    ``weight`` that is not an embedding table or an output head (lm_head), in flattening order.
+    Llama: q/k/v/o_proj, gate/up/down_proj; GPT-2: c_attn, c_proj, c_fc; BERT: query, key, value, dense
+    (and a classifier head's ``classifier``)."""
+    names: dict[str, None] = {}
+    for path, leaf in tree.leaves_with_paths(params, is_leaf=tree.is_leaf):
+        name = _module_name(path)
+        if (path.endswith(".weight") and len(getattr(leaf, "shape", ())) == 2 and not is_embedding(path)
+                and name not in OUTPUT_HEADS):
+            names[name] = None
+    return list(names)
+
+
+def _named_regexes(where: str | Sequence[str], params: tree.Tree) -> list[tuple[str, str]]:
     """[(what the user wrote, its regex)]: one per module name so each can fail alone."""
+    if isinstance(where, str) and where == ALL_LINEAR:
+        names = linear_modules(params)
+        if not names:
+            raise ConfigError(f"lora target {ALL_LINEAR!r}: the params hold no 2-D linear weight")
+        return [(ALL_LINEAR, target_regex(names))]
     if isinstance(where, str):
         return [(where, target_regex(where))]
     return [(name, target_regex([name])) for name in where]
+
+
+def _tied_embedding(leaves: dict[str, Any]) -> str | None:
+    """The token embedding a tied lm_head reuses: the embedding table with the most rows, or None."""
+    tables = [p for p, x in leaves.items() if p.endswith(".weight") and is_embedding(p) and len(getattr(x, "shape", ())) == 2]
+    return max(tables, key=lambda p: leaves[p].shape[0], default=None)
 
 
 def select_targets(params: tree.Tree, where: str | Sequence[str]) -> list[str]:
     """The weight paths ``where`` selects, checked: each pattern must match, targets must be 2-D weights."""
     leaves = dict(tree.leaves_with_paths(params, is_leaf=tree.is_leaf))
     chosen: dict[str, None] = {}
-    for label, pattern in _named_regexes(where):
+    for label, pattern in _named_regexes(where, params):
         try:
             regex = re.compile(pattern)
         except re.error as e:
             raise ConfigError(f"lora target {label!r}: not a valid regex ({e})") from None
         found = [p for p in leaves if regex.fullmatch(p)]
         if not found:
-            if regex.fullmatch("lm_head.weight") and "model.embed_tokens.weight" in leaves:
-                raise ConfigError(ERR_TIED.format(label))
-            example = next((p for p in leaves if p.endswith("_proj.weight")), next(iter(leaves), "<empty>"))
-            raise ConfigError(ERR_NO_MATCH.format(label, example))
+            tied = _tied_embedding(leaves)
+            if regex.fullmatch("lm_head.weight") and tied is not None:
+                raise ConfigError(ERR_TIED.format(label, tied))
+            raise ConfigError(ERR_NO_MATCH.format(label, ", ".join(linear_modules(params)) or "none"))
         for p in found:
             _check_target(label, p, leaves[p])
             chosen[p] = None
@@ -236,7 +276,7 @@ def select_targets(params: tree.Tree, where: str | Sequence[str]) -> list[str]:
 def _check_target(label: str, path: str, leaf: Any) -> None:
     if is_lora(leaf):
         raise ConfigError(ERR_TWICE.format(label, path))
-    if "embed" in path.rsplit(".", 2)[-2]:
+    if is_embedding(path):
         raise ConfigError(ERR_EMBED.format(label, path))
     if len(leaf.shape) != 2:
         raise ConfigError(ERR_NOT_2D.format(label, path, tuple(leaf.shape)))
@@ -282,9 +322,10 @@ def apply(params: tree.Tree, *, rank: int, alpha: float, where: str | Sequence[s
     """Wrap the weights ``where`` selects in LoRA leaves; returns a new tree (the input is untouched).
 
     ``where``: a regex over weight paths (full match, e.g. ``r".*\\.(q|v)_proj\\.weight"``), a list of
-    module names (``["q_proj", "v_proj"]``, the default; any of q/k/v/o/gate/up/down_proj, lm_head),
-    or ``"all-linear"``. A pattern or name matching nothing, rank <= 0, dropout outside [0, 1) or a
-    tied lm_head raise ConfigError. ``dtype`` of the adapters defaults to float32 for half bases.
+    module names (``["q_proj", "v_proj"]``, the default; a family's names: ``c_attn`` for GPT-2,
+    ``query`` for BERT, see ``models.lora_targets``), or ``"all-linear"`` (see ``linear_modules``).
+    A pattern or name matching nothing, rank <= 0, dropout outside [0, 1) or a tied lm_head raise
+    ConfigError. ``dtype`` of the adapters defaults to float32 for half bases.
     """
     if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
         raise ConfigError(ERR_RANK.format(rank))

@@ -14,9 +14,16 @@ Key names are PEFT's for a ``LlamaForCausalLM`` (module path = the weight path w
 ``target_modules`` is written as module names (``["q_proj", "v_proj"]``) when the adapter covers
 every module of those names, else as PEFT's full-match regex over module paths. Differing ranks or
 alphas are written as PEFT's ``rank_pattern`` / ``alpha_pattern``. Reading checks every key,
-shape and config field and names the file: PEFT features purefine does not implement
-(``fan_in_fan_out``, LoRA biases, ``modules_to_save``, embedding adapters, ...) are refused.
-A ``<module>.base_layer.weight`` entry (PEFT saves the base of a targeted lm_head) replaces that base.
+shape and config field and names the file: PEFT features purefine does not implement (LoRA
+biases, embedding adapters, ...) are refused. A ``<module>.base_layer.weight`` entry (PEFT saves
+the base of a targeted lm_head) replaces that base.
+
+Families: a model family may define ``peft_config(cfg) -> dict`` of adapter_config fields that
+differ for it. GPT-2 sets ``fan_in_fan_out: true`` (its Conv1D weights are (in, out) in HF files;
+PEFT's A (r, in) and B (out, r) are the same either way, so only the flag differs). A BERT
+classifier sets ``task_type: SEQ_CLS`` and ``modules_to_save`` (the head, trained in full next to
+the adapters): those modules' tensors are written in full as ``base_model.model.<path>``, as PEFT
+saves them, and ``load_peft`` puts them in place of the base's.
 """
 
 from __future__ import annotations
@@ -43,8 +50,8 @@ PREFIX = "base_model.model."
 SUFFIXES = {".lora_A.weight": "lora_a", ".lora_B.weight": "lora_b", ".lora_magnitude_vector": "magnitude",
             ".lora_magnitude_vector.weight": "magnitude", ".base_layer.weight": None}
 # Config fields that change the math; any other value than these is refused.
-UNSUPPORTED = {"fan_in_fan_out": (False, None), "bias": ("none", None), "lora_bias": (False, None),
-               "modules_to_save": (None, []), "layers_to_transform": (None, []), "layer_replication": (None,),
+UNSUPPORTED = {"bias": ("none", None), "lora_bias": (False, None),
+               "layers_to_transform": (None, []), "layer_replication": (None,),
                "exclude_modules": (None, [], ""), "target_parameters": (None, []), "use_qalora": (False, None),
                "trainable_token_indices": (None, [], {})}
 
@@ -93,8 +100,15 @@ def target_modules(cfg: Any, modules: list[str]) -> list[str] | str:
     return "(" + "|".join(re.escape(m) for m in modules) + ")"
 
 
+def family_fields(cfg: Any) -> dict:
+    """The adapter_config fields the config's family sets (its ``peft_config(cfg)``, else none)."""
+    hook = getattr(models.family(cfg), "peft_config", None)
+    return dict(hook(cfg)) if hook is not None else {}
+
+
 def adapter_config(cfg: Any, leaves: dict[str, lora.LoRA], base_model: str | None) -> dict:
-    """The ``adapter_config.json`` dict of PEFT's LoraConfig for these LoRA leaves."""
+    """The ``adapter_config.json`` dict of PEFT's LoraConfig for these LoRA leaves (and the family's
+    own fields: ``fan_in_fan_out`` for GPT-2, ``task_type`` / ``modules_to_save`` for a classifier)."""
     modules = {_module(p): leaf for p, leaf in leaves.items()}
     r, rank_pattern = _pattern({m: leaf.rank for m, leaf in modules.items()})
     alpha, alpha_pattern = _pattern({m: _number(leaf.alpha) for m, leaf in modules.items()})
@@ -105,7 +119,7 @@ def adapter_config(cfg: Any, leaves: dict[str, lora.LoRA], base_model: str | Non
         "use_rslora": _uniform(leaves, "rslora"), "use_dora": _uniform(leaves, "is_dora"),
         "fan_in_fan_out": False, "bias": "none", "lora_bias": False, "modules_to_save": None,
         "init_lora_weights": True, "layers_to_transform": None, "layers_pattern": None, "inference_mode": True,
-        "revision": None,
+        "revision": None, **family_fields(cfg),
     }
 
 
@@ -113,13 +127,14 @@ def save_peft(path: str | os.PathLike, cfg: Any, params: Any, *, base_model: str
     """Write the LoRA leaves of ``params`` as a PEFT adapter directory (atomically); returns its path.
 
     ``base_model`` becomes ``base_model_name_or_path`` (a hub id or directory of the base weights).
-    Only A, B and DoRA magnitudes are read: an NF4 base stays packed.
+    Only A, B and DoRA magnitudes are read (an NF4 base stays packed), and the tensors of the
+    family's ``modules_to_save`` (a classifier head) in full.
     """
     leaves = lora.adapters(params)
     if not leaves:
         raise ConfigError("save_peft: the params hold no LoRA leaves (apply lora.apply or load_peft first)")
     config = adapter_config(cfg, leaves, base_model)
-    tensors: dict[str, torch.Tensor] = {}
+    tensors = {PREFIX + p: _host(t) for p, t in saved_module_tensors(params, config.get("modules_to_save")).items()}
     for weight_path, leaf in leaves.items():
         key = PREFIX + _module(weight_path)
         tensors[key + ".lora_A.weight"] = _host(leaf.lora_a)
@@ -133,6 +148,28 @@ def save_peft(path: str | os.PathLike, cfg: Any, params: Any, *, base_model: str
     return path
 
 
+def _under(path: str, entries: list[str]) -> bool:
+    """True when a module above tensor ``path`` is named by a ``modules_to_save`` entry (PEFT's
+    suffix match, at a dot boundary: ``classifier`` names ``classifier`` and ``x.classifier``)."""
+    parts = path.split(".")
+    modules = [".".join(parts[:k]) for k in range(1, len(parts))]
+    return any(m == e or m.endswith("." + e) for m in modules for e in entries)
+
+
+def saved_module_tensors(params: Any, entries: list[str] | None) -> dict[str, torch.Tensor]:
+    """{tensor path: tensor} of the modules ``entries`` (``modules_to_save``) name in ``params``."""
+    if not entries:
+        return {}
+    out = {}
+    for path, leaf in tree.leaves_with_paths(params, is_leaf=tree.is_leaf):
+        if _under(path, entries):
+            if not isinstance(leaf, torch.Tensor):
+                raise ConfigError(f"save_peft: {path} is in modules_to_save {entries} (trained in full), but "
+                                  f"holds a {type(leaf).__name__}; leave it out of the LoRA targets")
+            out[path] = leaf
+    return out
+
+
 def read_adapter_config(path: str | os.PathLike) -> dict:
     """The validated ``adapter_config.json`` of an adapter directory (CheckpointError naming the file)."""
     file = Path(path) / CONFIG_NAME
@@ -140,8 +177,10 @@ def read_adapter_config(path: str | os.PathLike) -> dict:
         config = json.loads(file.read_text())
     except FileNotFoundError:
         raise CheckpointError(f"{file}: adapter config not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise CheckpointError(f"{file}: cannot read the adapter config ({e.strerror or e})") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{file}: expected a JSON object, found {type(config).__name__}")
     _check_config(file, config)
@@ -166,12 +205,26 @@ def _check_config(file: Path, c: dict) -> None:
     dropout = c.get("lora_dropout", 0.0)
     if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
         raise bad("lora_dropout", "a number in [0, 1)")
-    for key in ("use_rslora", "use_dora"):
+    for key in ("use_rslora", "use_dora", "fan_in_fan_out"):
         if not isinstance(c.get(key, False), bool):
             raise bad(key, "true or false")
+    saved = c.get("modules_to_save")
+    if saved is not None and not (isinstance(saved, list) and all(isinstance(m, str) and m for m in saved)):
+        raise bad("modules_to_save", "null or a list of module names")
     for key in ("rank_pattern", "alpha_pattern"):
         if not isinstance(c.get(key) or {}, dict):
             raise bad(key, "an object of {module pattern: value}")
+        kinds = int if key == "rank_pattern" else (int, float)
+        for pattern, value in (c.get(key) or {}).items():
+            if not isinstance(value, kinds) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+                what = "a positive integer" if key == "rank_pattern" else "a positive number"
+                raise CheckpointError(f"{file}: {key}[{pattern!r}]: expected {what}, found {value!r}")
+    for pattern in [*(c.get("rank_pattern") or {}), *(c.get("alpha_pattern") or {}),
+                    *([targets] if isinstance(targets, str) else [])]:
+        try:
+            re.compile(pattern)
+        except (re.error, RecursionError, OverflowError) as e:
+            raise CheckpointError(f"{file}: {pattern!r} is not a valid regex ({e})") from None
     for key, allowed in UNSUPPORTED.items():
         if key in c and c[key] not in allowed:
             raise CheckpointError(f"{file}: {key}={c[key]!r} is not supported by purefine (supported: {allowed[0]!r})")
@@ -193,17 +246,53 @@ def _pattern_value(pattern: dict, module: str, default: Any) -> Any:
     return default
 
 
-def _read_tensors(file: SafetensorsFile) -> dict[str, dict[str | None, str]]:
-    """{module: {child: key}} from the adapter's keys; an unknown key is an error naming it."""
+def _read_tensors(file: SafetensorsFile, config: dict) -> tuple[dict[str, dict[str | None, str]], dict[str, str]]:
+    """({module: {child: key}} of the adapters, {tensor path: key} of the ``modules_to_save``
+    tensors) from the adapter's keys; an unknown key is an error naming it."""
     modules: dict[str, dict[str | None, str]] = {}
+    saved: dict[str, str] = {}
+    entries = config.get("modules_to_save") or []
     for key in file.keys():
         suffix = next((s for s in SUFFIXES if key.endswith(s)), None)
+        if key.startswith(PREFIX) and suffix is None and _under(key[len(PREFIX):], entries):
+            saved[key[len(PREFIX):]] = key
+            continue
         if not key.startswith(PREFIX) or suffix is None:
             raise CheckpointError(f"{file.path}: unexpected key {key!r}: expected {PREFIX}<module>"
                                   f"{{.lora_A.weight, .lora_B.weight, .lora_magnitude_vector}}")
         module = key[len(PREFIX): -len(suffix)]
         modules.setdefault(module, {})[SUFFIXES[suffix]] = key
-    return modules
+    return modules, saved
+
+
+def _conv1d(module: str) -> bool:
+    """True when ``module`` holds a weight some family stores transposed in HF files (GPT-2's Conv1D)."""
+    patterns = (getattr(models.family(t), "CONV1D", None) for t in models.FAMILIES)
+    return any(p is not None and p.fullmatch(module + ".weight") for p in patterns)
+
+
+def _check_fan_in_fan_out(file: SafetensorsFile, config: dict, found: dict[str, dict]) -> None:
+    """PEFT's fan_in_fan_out flag names the layout of the *base* weight; A and B are the same either
+    way. Accept it where the base really is a Conv1D (GPT-2), refuse it elsewhere."""
+    if config.get("fan_in_fan_out") and not all(_conv1d(m) for m in found):
+        other = next(m for m in found if not _conv1d(m))
+        raise CheckpointError(f"{CONFIG_NAME}: fan_in_fan_out=True is not supported by purefine for {other!r} "
+                              f"(only for GPT-2's Conv1D layers) in {file.path.parent}")
+
+
+def _saved_modules(file: SafetensorsFile, config: dict, saved: dict[str, str], weights: dict[str, Any]) -> dict:
+    """{tensor path: tensor} of the ``modules_to_save`` tensors, each checked against the base's:
+    every tensor of a named module present (an entry naming no module of the params, such as
+    peft's ``score`` on BERT, is skipped as peft does), same shape, put in the base's dtype."""
+    entries = config.get("modules_to_save") or []
+    expected = [p for p, x in weights.items() if _under(p, entries)]
+    for path in saved:
+        if path not in weights or not isinstance(weights[path], torch.Tensor):
+            raise CheckpointError(f"{file.path}: {PREFIX + path!r} (modules_to_save) is not a plain tensor of the params")
+    missing = [p for p in expected if p not in saved]
+    if missing:
+        raise CheckpointError(f"{file.path}: modules_to_save {entries}: missing key {PREFIX + missing[0]!r}")
+    return {p: _read(file, k, tuple(weights[p].shape), weights[p].dtype).to(weights[p].device) for p, k in saved.items()}
 
 
 def _check_modules(file: SafetensorsFile, config: dict, found: dict[str, dict], weights: dict[str, Any]) -> None:
@@ -265,8 +354,10 @@ def load_peft(path: str | os.PathLike, params: Any) -> Any:
     if not weights_file.exists() and (path / "adapter_model.bin").exists():
         raise CheckpointError(f"{path}: only adapter_model.bin (pickle) found; purefine reads {WEIGHTS_NAME} only")
     file = SafetensorsFile(weights_file)
-    found = _read_tensors(file)
+    found, saved = _read_tensors(file, config)
     weights = dict(tree.leaves_with_paths(params, is_leaf=tree.is_leaf))
     _check_modules(file, config, found, weights)
-    new = {m + ".weight": _leaf(file, config, m, keys, weights[m + ".weight"]) for m, keys in found.items()}
+    _check_fan_in_fan_out(file, config, found)
+    new = _saved_modules(file, config, saved, weights)
+    new.update({m + ".weight": _leaf(file, config, m, keys, weights[m + ".weight"]) for m, keys in found.items()})
     return tree.map_with_path(lambda p, x: new.get(p, x), params, is_leaf=tree.is_leaf)

@@ -11,18 +11,22 @@ Labels are already shifted: ``labels[b, t]`` is the target for the prediction at
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 from purefine import ops
+from purefine.errors import ConfigError
 from purefine.models.registry import FAMILIES, config_from_hf, family, preset, presets
 
 __all__ = [
     "FAMILIES", "config_from_hf", "family", "preset", "presets", "param_shapes", "init", "forward",
-    "hidden_states", "output_weight", "new_cache", "loss_fn", "batch_mask",
+    "hidden_states", "output_weight", "new_cache", "loss_fn", "batch_mask", "lora_targets",
 ]
+
+# Family-relative LoRA target names (``lora_targets``): the family's peft default, every linear layer.
+DEFAULT_TARGETS, ALL_LINEAR = "default", "all-linear"
 
 
 def param_shapes(cfg: Any) -> dict[str, tuple[int, ...]]:
@@ -86,3 +90,27 @@ def loss_fn(cfg: Any, *, chunk_size: int = 1024, remat: bool = False,
         return ops.chunked_cross_entropy(h.reshape(-1, h.shape[-1]), w, labels, chunk_size=chunk_size)
 
     return loss
+
+
+def lora_targets(cfg: Any, targets: str | Sequence[str] = DEFAULT_TARGETS) -> str | list[str]:
+    """The ``where`` of ``lora.apply`` for ``targets`` over this config's family.
+
+    ``"default"`` -> the family's ``LORA_TARGETS`` (peft's default: q_proj, v_proj for Llama /
+    Mistral / Qwen2, c_attn for GPT-2, query, value for BERT); ``"all-linear"`` -> the family's
+    ``LINEAR_LAYERS``; a list of names is kept (``"default"`` / ``"all-linear"`` inside it expand
+    in place); any other single string is a regex over weight paths, kept as is.
+    """
+    fam = family(cfg)
+    expand = {DEFAULT_TARGETS: getattr(fam, "LORA_TARGETS", None), ALL_LINEAR: getattr(fam, "LINEAR_LAYERS", None)}
+    names = [targets] if isinstance(targets, str) else list(targets)
+    if len(names) == 1 and names[0] not in expand and not names[0].isidentifier():
+        return names[0]  # a regex
+    if len(names) == 1 and names[0] == ALL_LINEAR and expand[ALL_LINEAR] is None:
+        return ALL_LINEAR  # lora.apply's own rule: every 2-D weight but embeddings and lm_head
+    out: dict[str, None] = {}
+    for name in names:
+        if name in expand and expand[name] is None:
+            raise ConfigError(f"lora targets: {name!r}: the {cfg.model_type} family names no LoRA targets; "
+                              "give module names or a regex")
+        out.update(dict.fromkeys(expand[name] if name in expand else (name,)))
+    return list(out)

@@ -8,6 +8,7 @@
   positions. ``forward`` gives class logits (B, C) or masked-LM logits (B, T, V).
 - ``loss_fn``: classification (labels (B,)) or masked-LM (labels (B, T), -100 = unmasked).
 - ``with_head``: swap heads (a pretrained masked-LM checkpoint -> a fresh classifier).
+- ``peft_config``: the adapter fields ``save_peft`` writes (``SEQ_CLS``, the head in ``modules_to_save``).
 - ``checkpoint_name``: reads legacy names (``LayerNorm.gamma``/``beta``, no ``bert.`` prefix) and
   skips what a head does not use (next-sentence head, the pooler for masked-LM, tied copies).
 
@@ -48,6 +49,7 @@ LORA_TARGETS = ("query", "value")
 LINEAR_LAYERS = ("query", "key", "value", "dense")
 # The classification head, trained in full alongside LoRA adapters (peft's ``modules_to_save``).
 HEAD_PATTERN = r"(classifier|bert\.pooler\.dense)\.(weight|bias)"
+HEAD_MODULES = ("classifier", "bert.pooler.dense")
 
 
 @dataclass(frozen=True)
@@ -336,6 +338,14 @@ def head_params(cfg: BertConfig, params: dict, gather: Callable[[Any], Any] | No
         return {"bert": {"pooler": g(params["bert"]["pooler"])}, "classifier": g(params["classifier"])}
     word = g(params["bert"]["embeddings"]["word_embeddings"])
     return {"bert": {"embeddings": {"word_embeddings": word}}, "cls": g(params["cls"])}
+
+
+def peft_config(cfg: BertConfig) -> dict:
+    """adapter_config.json fields of an adapter over this BERT: a classifier is peft's ``SEQ_CLS``
+    with its head (pooler + classifier, ``HEAD_MODULES``) saved in full; a masked-LM has no task type."""
+    if cfg.head == "classify":
+        return {"task_type": "SEQ_CLS", "modules_to_save": list(HEAD_MODULES)}
+    return {"task_type": None}
 
 
 def new_cache(cfg: BertConfig, batch: int, max_len: int, **_: Any) -> None:

@@ -4,7 +4,7 @@
 - ``PRESETS``: gpt2 (124M), gpt2-medium (355M), gpt2-large, gpt2-xl, and gpt2-debug for tests.
 - ``hidden_states`` / ``output_weight`` / ``forward`` / ``new_cache``: the family protocol.
 - ``checkpoint_name`` / ``from_hf_tensor`` / ``to_hf_tensor``: the hooks ``checkpoint.hf`` calls
-  to read and write the HF files (see below).
+  to read and write the HF files (see below); ``peft_config``: the adapter fields ``save_peft`` writes.
 
 Params layout: the names ``GPT2LMHeadModel`` saves, with one difference in layout. GPT-2's
 ``Conv1D`` stores its weights as (in, out); purefine stores them as (out, in), like every other
@@ -181,6 +181,12 @@ def from_hf_tensor(name: str, t: torch.Tensor) -> torch.Tensor:
 def to_hf_tensor(name: str, t: torch.Tensor) -> torch.Tensor:
     """A tensor in purefine's layout -> the HF file layout (Conv1D weights back to (in, out))."""
     return t.t().contiguous() if CONV1D.fullmatch(name) else t
+
+
+def peft_config(cfg: GPT2Config) -> dict:
+    """adapter_config.json fields of a GPT-2 adapter: ``fan_in_fan_out`` (HF's Conv1D stores (in, out);
+    peft's A and B are (r, in) / (out, r) either way, so only the flag differs from Llama's)."""
+    return {"fan_in_fan_out": True}
 
 
 def attention_block(cfg: GPT2Config, p: dict, x: torch.Tensor, mask: torch.Tensor | None,

@@ -33,6 +33,9 @@ from purefine import ops
 from purefine.errors import ConfigError
 
 Hook = Callable[[str, torch.Tensor], Any]
+# LoRA targets: peft's default (q, v), and every linear layer (``all-linear``; lm_head left out).
+LORA_TARGETS = ("q_proj", "v_proj")
+LINEAR_LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)

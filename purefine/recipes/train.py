@@ -104,11 +104,11 @@ def tokenizer_path(cfg: TrainConfig) -> Path:
     return data.DEMO_TOKENIZER
 
 
-def apply_peft(cfg: TrainConfig, params: dict) -> tuple[dict, Any]:
-    """(params with adapters, trainable filter) for --peft."""
+def apply_peft(cfg: TrainConfig, params: dict, model_cfg: Any) -> tuple[dict, Any]:
+    """(params with adapters, trainable filter) for --peft; --lora.targets names are the family's."""
     if cfg.peft == "none":
         return params, train.all_floating
-    where = cfg.lora.targets[0] if len(cfg.lora.targets) == 1 and not cfg.lora.targets[0].isidentifier() else list(cfg.lora.targets)
+    where = models.lora_targets(model_cfg, cfg.lora.targets)
     params = lora.apply(params, rank=cfg.lora.rank, alpha=cfg.lora.alpha, where=where, dropout=cfg.lora.dropout,
                         seed=cfg.seed, rslora=cfg.lora.rslora, dora=cfg.peft == "dora")
     return params, lora.trainable
@@ -215,7 +215,7 @@ def main(cfg: TrainConfig) -> dict:
     data_cfg = dataclasses.replace(cfg.data, max_seq_len=cfg.max_seq_len, seed=cfg.seed)
     with layout.main_first():  # rank 0 fills the tokenization cache, the others read it
         train_set, eval_set = data.build(data_cfg, tokenizer), data.build_eval(data_cfg, tokenizer)
-    params, trainable = apply_peft(cfg, params)
+    params, trainable = apply_peft(cfg, params, model_cfg)
     params = layout.shard_params(model_cfg, params)
     total_steps = count_steps(cfg, train_set, world_size=layout.dp_size)
     opt, schedule = make_optimizer(cfg.optim, total_steps)
