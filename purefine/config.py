@@ -10,6 +10,7 @@ presets (what ``tune ls``, ``tune cp`` and ``tune validate`` do).
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import sys
 from collections.abc import Sequence
@@ -100,8 +101,10 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    task: Literal["causal_lm", "classify"] = "causal_lm"
-    """Training objective (classify: sequence classification, e.g. BERT)."""
+    task: Literal["causal_lm", "classify", "mlm"] = "causal_lm"
+    """Training objective: causal_lm, classify (sequence classification of a BERT, labels from --data.label-column), mlm (BERT masked-LM)."""
+    num_labels: int | None = None
+    """Classes for --task classify (None: as many as the training data's label column holds)."""
     max_steps: int | None = 120
     """Optimizer steps (None: run --epochs over the data)."""
     epochs: int = 1
@@ -136,6 +139,8 @@ class TrainConfig:
     """Resumable checkpoints to keep."""
     resume: str | None = None
     """Resume from 'latest' (in --output-dir) or a checkpoint path."""
+    stop_after: int | None = None
+    """Stop after this many steps of this invocation (the schedule still follows --max-steps): for time-limited jobs; continue with --resume latest."""
     save_on_interrupt: bool = False
     """On Ctrl-C, save a resumable checkpoint before exiting."""
     nan_policy: Literal["stop", "skip"] = "stop"
@@ -203,12 +208,41 @@ def _positive(value: float | None, flag: str, *, allow_zero: bool = False) -> No
         raise ConfigError(f"{flag}: must be {'>= 0' if allow_zero else '> 0'}, found {value}")
 
 
+INT64_MAX = 2**63 - 1
+
+
+def _check_numbers(obj: object, prefix: str = "--") -> None:
+    """Every float field finite and every int field within int64 (NaN, inf or 10**100 break a run late)."""
+    for f in dataclasses.fields(obj):
+        value, flag = getattr(obj, f.name), prefix + f.name.replace("_", "-")
+        if dataclasses.is_dataclass(value):
+            _check_numbers(value, flag + ".")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{flag}: must be a finite number, found {value}")
+        elif isinstance(value, int) and not isinstance(value, bool) and not -INT64_MAX <= value <= INT64_MAX:
+            raise ConfigError(f"{flag}: must fit in a signed 64-bit integer, found {value}")
+
+
+def _check_more_ranges(cfg: TrainConfig) -> None:
+    """Ranges torch.optim and datasets would refuse late (betas, eps, micro-batches, sample and process counts)."""
+    for flag, value in (("--optim.b1", cfg.optim.b1), ("--optim.b2", cfg.optim.b2)):
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"{flag}: must be in [0, 1), found {value}")
+    _positive(cfg.optim.eps, "--optim.eps", allow_zero=True)
+    _positive(cfg.parallel.microbatches, "--parallel.microbatches", allow_zero=True)
+    _positive(cfg.data.max_samples, "--data.max-samples")
+    _positive(cfg.data.num_proc, "--data.num-proc")
+
+
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Check ranges and cross-field rules; a ConfigError names the flag."""
+    _check_numbers(cfg)
+    if cfg.seed < 0:
+        raise ConfigError(f"--seed: must be >= 0, found {cfg.seed}")
     for flag, value in (("--batch-size", cfg.batch_size), ("--grad-accum", cfg.grad_accum),
                         ("--max-seq-len", cfg.max_seq_len), ("--epochs", cfg.epochs), ("--max-steps", cfg.max_steps),
                         ("--lora.rank", cfg.lora.rank), ("--optim.lr", cfg.optim.lr), ("--log-every", cfg.log_every),
-                        ("--keep-last", cfg.keep_last)):
+                        ("--keep-last", cfg.keep_last), ("--stop-after", cfg.stop_after)):
         _positive(value, flag)
     for flag, value in (("--lora.alpha", cfg.lora.alpha), ("--optim.warmup-steps", cfg.optim.warmup_steps),
                         ("--optim.weight-decay", cfg.optim.weight_decay), ("--eval-every", cfg.eval_every),
@@ -221,6 +255,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         if inner != getattr(defaults, name) and inner != outer:
             raise ConfigError(f"--data.{name.replace('_', '-')} ({inner}) disagrees with {flag} ({outer}); "
                               f"set {flag} only: the trainer passes it to the data pipeline")
+    if cfg.num_labels is not None and cfg.num_labels < 2:
+        raise ConfigError(f"--num-labels: a classifier needs at least 2 classes, found {cfg.num_labels}")
     if not 0.0 <= cfg.lora.dropout < 1.0:
         raise ConfigError(f"--lora.dropout: must be in [0, 1), found {cfg.lora.dropout}")
     if cfg.checkpoint_dir is None:
@@ -241,6 +277,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         _positive(value, flag)
     if cfg.parallel.dp_shard == 0 or cfg.parallel.dp_shard < -1:
         raise ConfigError(f"--parallel.dp-shard: must be -1 (auto) or >= 1, found {cfg.parallel.dp_shard}")
+    _check_more_ranges(cfg)
     return cfg
 
 

@@ -20,7 +20,8 @@ import torch
 
 from purefine import checkpoint, data, fsutil, lora, models, optim, schedules, shard, train, tree
 from purefine.config import TrainConfig, to_yaml, validate
-from purefine.errors import ConfigError, PurefineError
+from purefine.recipes import resume
+from purefine.errors import ConfigError
 from purefine.logging import MetricsLogger, peak_memory_bytes
 
 # The frozen weights QLoRA stores in NF4: every attention and MLP projection (not embeddings / lm_head).
@@ -203,6 +204,9 @@ def tokenizer_files(path: Path) -> dict[str, Path]:
 def main(cfg: TrainConfig) -> dict:
     """Run the fine-tune described by ``cfg``; returns a summary (losses, throughput, outputs)."""
     cfg = validate(cfg)
+    if cfg.task != "causal_lm":  # an encoder objective (classify, mlm): its own recipe
+        from purefine.recipes import classify
+        return classify.main(cfg)
     layout = shard.layout(cfg.parallel, pick_device(cfg.device))  # torchrun: process group and mesh
     out = prepare_output_dir(cfg.output_dir) if layout.is_main else Path(cfg.output_dir)
     if layout.is_main:
@@ -226,7 +230,7 @@ def main(cfg: TrainConfig) -> dict:
     n_trainable = sum(x.numel() for _, x in tree.filtered(params, trainable))
     del params
     summary = run_loop(cfg, model_cfg, state, step_fn, schedule, train_set, eval_set, total_steps, out, device, dtype,
-                       n_trainable, layout)
+                       n_trainable, layout, trainable)
     full_params = layout.full_params_for_save(summary.pop("state").params)  # every rank takes part
     if not layout.is_main:
         return summary
@@ -238,57 +242,59 @@ def main(cfg: TrainConfig) -> dict:
 
 def run_loop(cfg: TrainConfig, model_cfg: Any, state: train.TrainState, step_fn: Any, schedule: Any,
              train_set: Any, eval_set: Any, total_steps: int, out: Path, device: torch.device,
-             dtype: torch.dtype, n_trainable: int, layout: shard.Layout | None = None) -> dict:
-    """Step until ``total_steps``, logging every step (on the main rank); returns the summary with
-    the final state."""
+             dtype: torch.dtype, n_trainable: int, layout: shard.Layout | None = None, trainable: Any = None) -> dict:
+    """Step until ``total_steps`` (or ``--stop-after`` steps of this invocation), logging every step
+    on the main rank, saving resumable checkpoints as asked; returns the summary with the final state."""
     layout = layout or shard.layout()
-    sampler = data.SamplerState(seed=cfg.seed)
+    state, resumed = resume.maybe_resume(cfg, out, state, trainable, layout)
+    sampler = data.SamplerState.from_dict(state.data_position) if resumed else data.SamplerState(seed=cfg.seed)
     stream = data.batches(train_set, batch_size=cfg.batch_size, seq_len=cfg.max_seq_len, packing=cfg.data.packing,
                           sampler_state=sampler, shuffle=cfg.data.shuffle, rank=layout.dp_rank, world_size=layout.dp_size)
+    stop = min(total_steps, state.step + cfg.stop_after) if cfg.stop_after else total_steps
     losses: list[float] = []
     logger_cls = MetricsLogger if layout.is_main else _SilentLogger
     with logger_cls(out, every=cfg.log_every, total_steps=total_steps, tensorboard=cfg.tensorboard,
                     wandb=cfg.wandb, progress=cfg.progress, plot=cfg.plot, config=_loggable(cfg)) as logger:
         logger.write(f"model {getattr(model_cfg, 'model_type', '?')} | {cfg.peft} | trainable {n_trainable:,} params | "
-                     f"{len(train_set)} samples | {total_steps} steps | {dtype} on {device}")
+                     f"{len(train_set)} samples | {total_steps} steps | {dtype} on {device}"
+                     + (f" | resumed from {resumed} at step {state.step}" if resumed else ""))
+        first_eval = None if resumed else evaluate_loss(model_cfg, state.params, eval_set, cfg, device, dtype, layout)
+        if first_eval is not None:
+            logger.write(f"eval_loss at start {first_eval:.4f}")
+        try:
+            while state.step < stop:
+                micro = []
+                for _ in range(cfg.grad_accum):
+                    batch, sampler = next(stream)
+                    micro.append(to_device(batch, device))
+                t0 = time.perf_counter()
+                lr = schedule(state.step)
+                state, metrics = step_fn(state, micro)
+                resume.check_finite(metrics, state.step, out)
+                seconds = time.perf_counter() - t0
+                state = state.replace(data_position=sampler.to_dict())
+                metrics |= {"lr": lr, "tokens_per_s": metrics["tokens"] / seconds, "seconds": seconds,
+                            "peak_memory": peak_memory_bytes(device)}
+                if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < total_steps:
+                    metrics["eval_loss"] = evaluate_loss(model_cfg, state.params, eval_set, cfg, device, dtype, layout)
+                losses.append(metrics["loss"])
+                logger.log(state.step, {k: v for k, v in metrics.items() if k != "nonfinite_grads"})
+                if cfg.save_every and (state.step % cfg.save_every == 0 or state.step == stop):
+                    resume.save(out, state, trainable, layout, cfg.keep_last)
+        except KeyboardInterrupt:
+            if cfg.save_on_interrupt:
+                path = resume.save(out, state, trainable, layout, cfg.keep_last)
+                logger.write(f"interrupted at step {state.step}: saved {path} (resume with --resume latest)")
+            raise
         eval_loss = evaluate_loss(model_cfg, state.params, eval_set, cfg, device, dtype, layout)
-        if eval_loss is not None:
-            logger.write(f"eval_loss at start {eval_loss:.4f}")
-        first_eval = eval_loss
-        while state.step < total_steps:
-            micro = []
-            for _ in range(cfg.grad_accum):
-                batch, sampler = next(stream)
-                micro.append(to_device(batch, device))
-            t0 = time.perf_counter()
-            lr = schedule(state.step)
-            state, metrics = step_fn(state, micro)
-            check_finite(metrics, state.step, cfg)
-            seconds = time.perf_counter() - t0
-            state = state.replace(data_position=sampler.to_dict())
-            metrics |= {"lr": lr, "tokens_per_s": metrics["tokens"] / seconds, "seconds": seconds,
-                        "peak_memory": peak_memory_bytes(device)}
-            if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < total_steps:
-                metrics["eval_loss"] = evaluate_loss(model_cfg, state.params, eval_set, cfg, device, dtype, layout)
-            losses.append(metrics["loss"])
-            logger.log(state.step, metrics)
-        eval_loss = evaluate_loss(model_cfg, state.params, eval_set, cfg, device, dtype, layout)
-        if eval_loss is not None:
+        if eval_loss is not None and logger.history:
             logger.history[-1]["eval_loss"] = eval_loss
             logger.write(f"eval_loss at end {eval_loss:.4f}")
-    k = min(5, len(losses))
-    return {"steps": state.step, "losses": losses, "first_loss": sum(losses[:k]) / k, "last_loss": sum(losses[-k:]) / k,
-            "eval_loss_start": first_eval, "eval_loss_end": eval_loss, "peak_memory": peak_memory_bytes(device),
-            "trainable_params": n_trainable, "state": state}
-
-
-def check_finite(metrics: dict, step: int, cfg: TrainConfig) -> None:
-    """Stop on a non-finite loss or gradient norm (unless --nan-policy skip already skipped it)."""
-    if metrics.get("skipped"):
-        return
-    if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
-        raise PurefineError(f"step {step}: non-finite loss {metrics['loss']} or grad norm {metrics['grad_norm']}; "
-                            "lower --optim.lr, check the data, or pass --nan-policy skip")
+    k = max(1, min(5, len(losses)))
+    return {"steps": state.step, "losses": losses, "first_loss": sum(losses[:k]) / k if losses else None,
+            "last_loss": sum(losses[-k:]) / k if losses else None, "eval_loss_start": first_eval,
+            "eval_loss_end": eval_loss, "peak_memory": peak_memory_bytes(device), "trainable_params": n_trainable,
+            "resumed_from": str(resumed) if resumed else None, "state": state}
 
 
 class _SilentLogger:
