@@ -119,8 +119,8 @@ class TrainConfig:
     """Seed for init, adapters, data order and dropout."""
     dtype: Literal["auto", "fp32", "bf16"] = "auto"
     """Compute dtype: bf16 keeps frozen weights in bf16 and fp32 master copies of trained ones; auto = bf16 for QLoRA, else fp32."""
-    remat: bool = False
-    """Activation checkpointing per block (less memory, ~1/3 more compute)."""
+    remat: bool | None = None
+    """Activation checkpointing per block: less memory, ~1/3 more compute (default: on for QLoRA, off otherwise)."""
     device: str = "auto"
     """cpu, cuda, cuda:N or auto."""
     output_dir: str = "outputs/demo"
@@ -279,6 +279,11 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"--parallel.dp-shard: must be -1 (auto) or >= 1, found {cfg.parallel.dp_shard}")
     _check_more_ranges(cfg)
     return cfg
+
+
+def uses_remat(cfg: TrainConfig) -> bool:
+    """Whether blocks are checkpointed: --remat, or by default for QLoRA (memory is its point)."""
+    return cfg.remat if cfg.remat is not None else cfg.peft == "qlora"
 
 
 def to_yaml(cfg: TrainConfig) -> str:

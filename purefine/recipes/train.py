@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from purefine import checkpoint, data, fsutil, lora, models, optim, schedules, shard, train, tree
-from purefine.config import TrainConfig, to_yaml, validate
+from purefine.config import TrainConfig, to_yaml, uses_remat, validate
 from purefine.recipes import resume
 from purefine.errors import ConfigError
 from purefine.logging import MetricsLogger, peak_memory_bytes
@@ -223,7 +223,7 @@ def main(cfg: TrainConfig) -> dict:
     params = layout.shard_params(model_cfg, params)
     total_steps = count_steps(cfg, train_set, world_size=layout.dp_size)
     opt, schedule = make_optimizer(cfg.optim, total_steps)
-    step_fn = layout.make_step(model_cfg, opt, trainable=trainable, remat=cfg.remat,
+    step_fn = layout.make_step(model_cfg, opt, trainable=trainable, remat=uses_remat(cfg),
                                clip_norm=cfg.optim.clip_norm or None, compute_dtype=dtype if dtype != torch.float32 else None,
                                skip_nonfinite=cfg.nan_policy == "skip")
     state = train.init(params, opt, trainable=trainable, seed=cfg.seed, copy=False)
