@@ -91,6 +91,7 @@ class LoRA:
 
     @property
     def rank(self) -> int:
+        """The adapter rank r: ``lora_a`` is (r, in), ``lora_b`` (out, r)."""
         return self.lora_a.shape[0]
 
     @property
@@ -100,14 +101,17 @@ class LoRA:
 
     @property
     def shape(self) -> torch.Size:
+        """(out, in): the shape of the weight the leaf stands for."""
         return torch.Size(self.base.shape)
 
     @property
     def dtype(self) -> torch.dtype:
+        """The dtype of the base weight (what ``dense`` returns by default)."""
         return self.base.dtype
 
     @property
     def is_dora(self) -> bool:
+        """True for a DoRA leaf (it carries a magnitude vector (out,))."""
         return self.magnitude is not None
 
     def _adapter(self, x: torch.Tensor) -> torch.Tensor:

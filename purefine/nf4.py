@@ -135,7 +135,7 @@ class NF4:
         return sum(t.numel() * t.element_size() for t in children)
 
     def dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The dequantized weight (``shape``) in ``dtype`` (default: ``self.dtype``)."""
+        """The dequantized weight, e.g. (out, in) (``self.shape``), in ``dtype`` (default: ``self.dtype``)."""
         return dequantize_tensor(self, dtype)
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -231,7 +231,7 @@ def _meta_nf4(w: torch.Tensor) -> NF4:
 
 @torch.no_grad()
 def quantize_tensor(w: torch.Tensor, *, name: str = "weight") -> NF4:
-    """A floating tensor (any shape, N > 0 elements) -> its NF4 leaf; ``w`` is left untouched.
+    """A floating tensor (any shape, e.g. (out, in); N > 0 elements) -> its NF4 leaf; ``w`` is left untouched.
 
     ``name`` (the weight's path) goes into error messages: a non-floating, empty or non-finite
     tensor raises TreeError.
@@ -291,7 +291,7 @@ def _dequantize_blocks(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.d
 
 
 def dequantize_tensor(q: NF4, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The weight (``q.shape``) that ``q`` stands for, in ``dtype`` (default ``q.dtype``)."""
+    """The weight that ``q`` stands for, of shape ``q.shape`` (e.g. (out, in)), in ``dtype`` (default ``q.dtype``)."""
     dtype = dtype or q.dtype
     values = _dequantize_blocks(q.codes, block_scales(q, dtype), dtype)
     return values.view(-1)[: q.numel].view(q.shape)

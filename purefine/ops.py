@@ -232,6 +232,7 @@ class KVCache:
 
     @property
     def max_len(self) -> int:
+        """S_max: the positions each (B, K, S_max, Dh) buffer holds."""
         return self.keys[0].shape[2]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -244,6 +245,7 @@ class KVCache:
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
     def advance(self, t: int) -> KVCache:
+        """The same buffers with ``length`` moved on by ``t`` positions (after writing (B, K, t, Dh))."""
         return KVCache(self.keys, self.values, self.length + t)
 
 

@@ -199,7 +199,7 @@ def sgd(lr: LearningRate, *, momentum: float = 0.0, nesterov: bool = False, weig
 
 
 def global_norm(grads: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """The L2 norm of all tensors as one vector: a scalar tensor, computed as ``clip_grad_norm_`` does
+    """The L2 norm of all tensors (any shapes) as one vector: a scalar tensor (), computed as ``clip_grad_norm_`` does
     (``_foreach_norm`` per device and dtype, then the norm of the norms). DTensors are reduced to a
     plain (replicated) scalar."""
     tensors = list(grads.values())
@@ -315,7 +315,8 @@ def decays(path: str) -> bool:
 
 
 def load_state(template: State, flat: Mapping[str, torch.Tensor]) -> State:
-    """Rebuild a state from ``{dotted path: tensor}`` (e.g. read from safetensors) in the structure of
+    """Rebuild a state from ``{dotted path: tensor}`` (each of its template leaf's shape, e.g. (out, r)
+    for a moment of a LoRA B, () for the step count; read from safetensors, say) in the structure of
     ``template`` (``opt.init(params)``), checking names and shapes; each tensor takes the template's
     dtype and device (a DTensor template is distributed with its own placements)."""
     names = tree.flatten(template)

@@ -54,16 +54,19 @@ class TrainState:
     data_position: dict | None = None
 
     def replace(self, **changes: Any) -> TrainState:
+        """A new TrainState with ``changes`` (field name -> value) applied."""
         return dataclasses.replace(self, **changes)
 
 
 def trainable_leaves(params: Any, trainable: Filter) -> dict[str, torch.Tensor]:
-    """{path: tensor} of the leaves ``trainable`` selects, in flattening order."""
+    """{path: tensor} of the leaves ``trainable`` selects, in flattening order (each tensor as stored, e.g.
+    (r, in) for a ``lora_a``, (out, in) for a weight)."""
     return dict(tree.filtered(params, trainable))
 
 
 def with_leaves(params: Any, leaves: dict[str, torch.Tensor]) -> Any:
-    """``params`` with the tensors at ``leaves``' paths replaced (a new tree)."""
+    """``params`` with the tensors at ``leaves``' paths replaced (a new tree); each replacement has the
+    shape of the tensor it replaces (e.g. (out, in))."""
     return tree.map_with_path(lambda p, x: leaves.get(p, x), params)
 
 
@@ -171,7 +174,8 @@ def make_step(
 
 
 def nonfinite_paths(tensors: dict[str, torch.Tensor], limit: int = 10) -> list[str]:
-    """The first ``limit`` paths whose tensor holds a NaN or an infinity (the NaN guard's diagnostic)."""
+    """The first ``limit`` paths whose tensor (any shape, e.g. a gradient (out, in)) holds a NaN or an
+    infinity (the NaN guard's diagnostic)."""
     bad = []
     for p, x in tensors.items():
         local = x.to_local() if type(x).__name__ == "DTensor" else x

@@ -60,7 +60,8 @@ def new_cache(cfg: Any, batch: int, max_len: int, **kwargs: Any) -> ops.KVCache:
 
 
 def batch_mask(batch: dict) -> torch.Tensor | None:
-    """The attention mask a batch asks for: its ``mask``, or block-causal from ``segment_ids``."""
+    """The attention mask a batch asks for: its ``mask``, or block-causal (B, 1, T, T) bool from
+    ``segment_ids`` (B, T); None (plain causal) when it has neither."""
     if batch.get("mask") is not None:
         return batch["mask"]
     if batch.get("segment_ids") is not None:

@@ -195,13 +195,15 @@ def _gather_stages(params: Any, layout: Any) -> Any:
 
 
 def local_flat(params: Any) -> dict[str, torch.Tensor]:
-    """{path: this rank's local tensor} of a (possibly sharded) tree: what resume saves per rank."""
+    """{path: this rank's local tensor} of a (possibly sharded) tree: what resume saves per rank (a
+    weight (out, in) sharded over N ranks gives its local (out/N, in) slice)."""
     return {p: (x.to_local() if isinstance(x, DTensor) else x).detach().cpu().contiguous()
             for p, x in tree.leaves_with_paths(params) if isinstance(x, torch.Tensor)}
 
 
 def from_local_flat(template: Any, flat: dict[str, torch.Tensor]) -> Any:
-    """``template`` (a tree sharded the same way) with its tensors' local values from ``flat``."""
+    """``template`` (a tree sharded the same way) with its tensors' local values from ``flat`` (each the
+    local shape, e.g. (out/N, in), that ``local_flat`` gave)."""
 
     def restore(path: str, x: Any) -> Any:
         local = flat[path]

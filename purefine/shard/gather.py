@@ -92,10 +92,12 @@ class ColumnParallel:
 
     @property
     def shape(self) -> torch.Size:
+        """(out/tp, in): this rank's slice of the weight."""
         return torch.Size(self.weight.shape)
 
     @property
     def dtype(self) -> torch.dtype:
+        """The dtype of this rank's weight slice."""
         return self.weight.dtype
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -117,10 +119,12 @@ class RowParallel:
 
     @property
     def shape(self) -> torch.Size:
+        """(out, in/tp): this rank's slice of the weight."""
         return torch.Size(self.weight.shape)
 
     @property
     def dtype(self) -> torch.dtype:
+        """The dtype of this rank's weight slice."""
         return self.weight.dtype
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -150,7 +154,8 @@ def _tp_split(x: Any, tp: int) -> int | None:
 
 
 def gather_tensor(x: torch.Tensor, mesh: Any, *, partial_tp: bool = False) -> torch.Tensor:
-    """A DTensor -> the plain tensor this rank computes with: full over the data-parallel dims,
+    """A DTensor (e.g. a weight (out, in) sharded (out/N, in)) -> the plain tensor this rank computes
+    with: full over the data-parallel dims,
     its own slice over tp. Gradients flow back as partial sums over the data-parallel dims (and
     over tp when ``partial_tp``); plain tensors pass through."""
     if not isinstance(x, DTensor):

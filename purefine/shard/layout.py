@@ -140,7 +140,8 @@ class Layout:
         return make_gather(self.mesh) if self.distributed else None
 
     def sum_over_dp(self, x: torch.Tensor) -> torch.Tensor:
-        """x summed over the data-parallel ranks (a new tensor on x's device)."""
+        """x (any shape, e.g. a token count ()) summed over the data-parallel ranks (a new tensor of
+        x's shape on x's device)."""
         out = x.detach().to(self.device).clone()
         for group in self.dp_groups():
             dist.all_reduce(out, group=group)
@@ -212,7 +213,8 @@ class Layout:
 
 
 def settle_grads(grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Gradients left as partial sums (a ``Partial`` placement) all-reduced into replicas; the
+    """{path: gradient} (each of its parameter's shape, e.g. (out, in)): those left as partial sums
+    (a ``Partial`` placement) all-reduced into replicas; the
     gather hook's backward already reduce-scatters / all-reduces the rest."""
     out = {}
     for path, g in grads.items():
