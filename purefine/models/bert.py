@@ -278,10 +278,11 @@ def hidden_states(
     cfg: BertConfig, params: dict, tokens: torch.Tensor, *, positions: torch.Tensor | None = None,
     mask: torch.Tensor | None = None, cache: Any = None, remat: bool = False,
     gather: Callable[[Any], Any] | None = None, token_type_ids: torch.Tensor | None = None,
+    observe: Callable[[int, torch.Tensor], None] | None = None,
 ) -> tuple[torch.Tensor, None]:
     """tokens (B, T) -> (last encoder layer (B, T, D), None). Bidirectional: ``mask`` (B, T) marks
     real tokens (padding keys are ignored); ``token_type_ids`` (B, T) default 0; ``positions``
-    (B, T) default 0..T-1; ``remat`` / ``gather`` as in ``llama.hidden_states``."""
+    (B, T) default 0..T-1; ``remat`` / ``gather`` / ``observe`` as in ``llama.hidden_states``."""
     if cache is not None:
         raise ConfigError("bert: an encoder has no KV cache (cache must be None)")
     g = gather if gather is not None else (lambda subtree: subtree)
@@ -295,7 +296,7 @@ def hidden_states(
     x = ops.layer_norm(x, emb["LayerNorm"]["weight"], emb["LayerNorm"]["bias"], cfg.layer_norm_eps)
     attn_mask = encoder_mask(mask, tokens.shape[1], tokens.device)
     x = ops.run_layers(lambda p, h, i: layer(cfg, p, h, attn_mask), params["bert"]["encoder"]["layer"], x,
-                       remat=remat, gather=gather)
+                       remat=remat, gather=gather, observe=observe)
     return x, None
 
 

@@ -219,12 +219,12 @@ def block(cfg: GPT2Config, p: dict, x: torch.Tensor, mask: torch.Tensor | None,
 def hidden_states(
     cfg: GPT2Config, params: dict, tokens: torch.Tensor, *, positions: torch.Tensor | None = None,
     mask: torch.Tensor | None = None, cache: ops.KVCache | None = None, remat: bool = False,
-    gather: Callable[[Any], Any] | None = None,
+    gather: Callable[[Any], Any] | None = None, observe: Callable[[int, torch.Tensor], None] | None = None,
 ) -> tuple[torch.Tensor, ops.KVCache | None]:
     """tokens (B, T) -> (final LayerNormed hidden states (B, T, D), advanced cache or None).
 
     ``positions`` (B, T) index the learned position table (default: offset + 0, 1, ...);
-    ``mask``, ``remat`` and ``gather`` as in ``llama.hidden_states``.
+    ``mask``, ``remat``, ``gather`` and ``observe`` as in ``llama.hidden_states``.
     """
     g = gather if gather is not None else (lambda subtree: subtree)
     m = params["transformer"]
@@ -234,7 +234,8 @@ def hidden_states(
         raise ConfigError(f"gpt2: position {int(positions.max())} is past n_positions ({cfg.n_positions})")
     x = ops.embedding(tokens, g(m["wte"])["weight"]) + ops.embedding(positions, g(m["wpe"])["weight"])
     attn_mask = llama.prepare_mask(mask, tokens.shape[1], cache)
-    x = ops.run_layers(lambda p, h, i: block(cfg, p, h, attn_mask, cache, i), m["h"], x, remat=remat, gather=gather)
+    x = ops.run_layers(lambda p, h, i: block(cfg, p, h, attn_mask, cache, i), m["h"], x, remat=remat, gather=gather,
+                       observe=observe)
     ln_f = g(m["ln_f"])
     x = ops.layer_norm(x, ln_f["weight"], ln_f["bias"], cfg.layer_norm_epsilon)
     return x, (cache.advance(tokens.shape[1]) if cache is not None else None)

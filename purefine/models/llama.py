@@ -277,14 +277,14 @@ def prepare_mask(mask: torch.Tensor | None, t: int, cache: ops.KVCache | None) -
 def hidden_states(
     cfg: LlamaConfig, params: dict, tokens: torch.Tensor, *, positions: torch.Tensor | None = None,
     mask: torch.Tensor | None = None, cache: ops.KVCache | None = None, remat: bool = False,
-    gather: Callable[[Any], Any] | None = None,
+    gather: Callable[[Any], Any] | None = None, observe: Callable[[int, torch.Tensor], None] | None = None,
 ) -> tuple[torch.Tensor, ops.KVCache | None]:
     """tokens (B, T) -> (final normed hidden states (B, T, D), advanced cache or None).
 
     ``remat=True`` recomputes each block in backward (activation checkpointing). ``gather(subtree)``
     is applied to each layer's params just before the layer runs (inside the checkpoint, so it runs
     again in backward) and to the embedding and final norm where they are used: FSDP gathers
-    sharded weights there.
+    sharded weights there. ``observe(i, x)`` (debugging) sees layer i's output x (B, T, D).
     """
     g = gather if gather is not None else (lambda subtree: subtree)
     m = params["model"]
@@ -300,6 +300,8 @@ def hidden_states(
             x = checkpoint(layer_fn, cfg, layer, x, cos, sin, attn_mask, cache, i, use_reentrant=False)
         else:
             x = layer_fn(cfg, layer, x, cos, sin, attn_mask, cache, i)
+        if observe is not None:
+            observe(i, x)
     x = ops.rms_norm(x, g(m["norm"])["weight"], cfg.rms_norm_eps)
     return x, (cache.advance(tokens.shape[1]) if cache is not None else None)
 

@@ -107,11 +107,11 @@ def layer_masks(cfg: Any, mask: torch.Tensor | None, t: int, cache: ops.KVCache 
 def hidden_states(
     cfg: Any, params: dict, tokens: torch.Tensor, *, positions: torch.Tensor | None = None,
     mask: torch.Tensor | None = None, cache: ops.KVCache | None = None, remat: bool = False,
-    gather: Callable[[Any], Any] | None = None,
+    gather: Callable[[Any], Any] | None = None, observe: Callable[[int, torch.Tensor], None] | None = None,
 ) -> tuple[torch.Tensor, ops.KVCache | None]:
     """tokens (B, T) -> (final normed hidden states (B, T, D), advanced cache or None).
 
-    As ``llama.hidden_states`` (``mask``, ``positions``, ``remat``, ``gather``), with each layer's
+    As ``llama.hidden_states`` (``mask``, ``positions``, ``remat``, ``gather``, ``observe``), with each layer's
     attention limited to its window.
     """
     g = gather if gather is not None else (lambda subtree: subtree)
@@ -126,7 +126,7 @@ def hidden_states(
     def block(p: dict, h: torch.Tensor, i: int) -> torch.Tensor:
         return llama.decoder_layer(cfg, p, h, cos, sin, masks[i], cache, i)
 
-    x = ops.run_layers(block, m["layers"], x, remat=remat, gather=gather)
+    x = ops.run_layers(block, m["layers"], x, remat=remat, gather=gather, observe=observe)
     x = ops.rms_norm(x, g(m["norm"])["weight"], cfg.rms_norm_eps)
     return x, (cache.advance(tokens.shape[1]) if cache is not None else None)
 
