@@ -40,6 +40,24 @@ def peak_memory_bytes(device: torch.device | str | None = None) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
+def limit_heap_fragmentation(mmap_threshold: int = 1 << 20) -> bool:
+    """Serve allocations above ``mmap_threshold`` bytes with mmap (glibc ``mallopt``), so freed
+    activations go back to the OS instead of fragmenting the heap.
+
+    With glibc's default dynamic threshold (up to 32 MiB) a LoRA step on a 134M model peaked ~0.8 GiB
+    higher in resident memory than its live tensors needed. Returns False where glibc is absent.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        return bool(libc and libc.mallopt(-3, int(mmap_threshold)))  # -3 = M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
 def format_bytes(n: float) -> str:
     """1536 -> '1.5KiB'."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):

@@ -31,6 +31,8 @@ from torch.utils.checkpoint import checkpoint
 from purefine.errors import ConfigError
 
 IGNORE_INDEX = -100
+# The most logits one cross-entropy chunk holds (elements): 32 MiB in float32, whatever the vocabulary.
+LOGITS_BUDGET = 1 << 23
 
 
 def linear(x: torch.Tensor, w: Any, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -281,7 +283,7 @@ def _linear_cross_entropy(h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor
         if need_h or need_w:
             d = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
             d[torch.arange(d.shape[0], device=d.device), target] -= 1.0
-            d = (d * valid[:, None]).to(h.dtype)
+            d = d.mul_(valid[:, None]).to(h.dtype)
             if need_h:
                 grad_h[start : start + chunk_size] = d @ w
             if need_w:
@@ -321,11 +323,13 @@ def chunked_cross_entropy(
     per chunk would copy a frozen bf16 weight each time on CPU). For a plain weight the gradients
     are formed chunk by chunk in forward (``_LinearCrossEntropy``); for a leaf kind (a LoRA'd
     lm_head) each chunk is checkpointed and recomputed in backward. Either way at most one
-    (chunk x V) logits block is alive.
+    (chunk x V) logits block is alive; ``chunk_size`` rows at most, fewer when the vocabulary is
+    large (``LOGITS_BUDGET`` elements per chunk).
     """
     if h.dim() != 2:
         raise ValueError(f"chunked_cross_entropy: expected 2-D hidden states (N, D), got {tuple(h.shape)}")
     count = (labels != IGNORE_INDEX).sum()
+    chunk_size = min(chunk_size, max(64, LOGITS_BUDGET // max(1, w.shape[0])))
     if type(w) is torch.Tensor:
         if torch.is_grad_enabled() and (h.requires_grad or w.requires_grad):
             return _LinearCrossEntropy.apply(h, w, labels, chunk_size), count

@@ -70,8 +70,9 @@ def flops_per_token(cfg: object, seq_len: int, frozen: bool) -> float:
 def run_case(case: str, steps: int) -> dict:
     """Time ``steps`` train steps of one case; returns tokens/s, MFU, peak memory."""
     import purefine as pf
-    from purefine.logging import peak_memory_bytes
+    from purefine.logging import limit_heap_fragmentation, peak_memory_bytes
 
+    limit_heap_fragmentation()
     preset, mode, dtype_name, *flags = case.split("/")
     dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
     cfg = pf.models.preset(preset)

@@ -18,11 +18,11 @@ from typing import Any
 
 import torch
 
-from purefine import checkpoint, data, fsutil, lora, models, optim, schedules, shard, train, tree
+from purefine import checkpoint, data, debug, fsutil, lora, models, optim, schedules, shard, train, tree
 from purefine.config import TrainConfig, to_yaml, uses_remat, validate
 from purefine.recipes import resume
 from purefine.errors import ConfigError
-from purefine.logging import MetricsLogger, peak_memory_bytes
+from purefine.logging import MetricsLogger, limit_heap_fragmentation, peak_memory_bytes
 
 # The frozen weights QLoRA stores in NF4: every attention and MLP projection (not embeddings / lm_head).
 QLORA_QUANTIZE = r".*\.(self_attn|mlp)\.\w+_proj\.weight"
@@ -258,6 +258,8 @@ def run_loop(cfg: TrainConfig, model_cfg: Any, state: train.TrainState, step_fn:
         logger.write(f"model {getattr(model_cfg, 'model_type', '?')} | {cfg.peft} | trainable {n_trainable:,} params | "
                      f"{len(train_set)} samples | {total_steps} steps | {dtype} on {device}"
                      + (f" | resumed from {resumed} at step {state.step}" if resumed else ""))
+        hooks = debug.TrainHooks(cfg, out, model_cfg, trainable, dtype, device, world_size=layout.world_size,
+                                 is_main=layout.is_main, write=logger.write)  # --profile, --debug-stats, --memory-report
         first_eval = None if resumed else evaluate_loss(model_cfg, state.params, eval_set, cfg, device, dtype, layout)
         if first_eval is not None:
             logger.write(f"eval_loss at start {first_eval:.4f}")
@@ -269,7 +271,7 @@ def run_loop(cfg: TrainConfig, model_cfg: Any, state: train.TrainState, step_fn:
                     micro.append(to_device(batch, device))
                 t0 = time.perf_counter()
                 lr = schedule(state.step)
-                state, metrics = step_fn(state, micro)
+                state, metrics = hooks.step(step_fn, state, micro)
                 resume.check_finite(metrics, state.step, out)
                 seconds = time.perf_counter() - t0
                 state = state.replace(data_position=sampler.to_dict())
@@ -279,6 +281,7 @@ def run_loop(cfg: TrainConfig, model_cfg: Any, state: train.TrainState, step_fn:
                     metrics["eval_loss"] = evaluate_loss(model_cfg, state.params, eval_set, cfg, device, dtype, layout)
                 losses.append(metrics["loss"])
                 logger.log(state.step, {k: v for k, v in metrics.items() if k != "nonfinite_grads"})
+                hooks.after_step(state, micro)
                 if cfg.save_every and (state.step % cfg.save_every == 0 or state.step == stop):
                     resume.save(out, state, trainable, layout, cfg.keep_last)
         except KeyboardInterrupt:
@@ -286,6 +289,7 @@ def run_loop(cfg: TrainConfig, model_cfg: Any, state: train.TrainState, step_fn:
                 path = resume.save(out, state, trainable, layout, cfg.keep_last)
                 logger.write(f"interrupted at step {state.step}: saved {path} (resume with --resume latest)")
             raise
+        hooks.close()
         eval_loss = evaluate_loss(model_cfg, state.params, eval_set, cfg, device, dtype, layout)
         if eval_loss is not None and logger.history:
             logger.history[-1]["eval_loss"] = eval_loss
