@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import dataclasses
+import reprlib
 import types
 import typing
 from pathlib import Path
@@ -19,6 +20,14 @@ from typing import Any, Literal
 import yaml
 
 from purefine.errors import ConfigError
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 3, 60, 60
+
+
+def short_repr(value: Any) -> str:
+    """``repr(value)`` bounded in size and depth (YAML aliases can make a huge shared structure)."""
+    return _REPR.repr(value)
 
 
 def load_yaml(path: str | Path) -> dict:
@@ -30,6 +39,10 @@ def load_yaml(path: str | Path) -> dict:
         raise ConfigError(f"{path}: config file not found") from None
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid YAML (nested too deeply)") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config file ({e.strerror or e})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -60,7 +73,7 @@ def _type_name(tp: Any) -> str:
 def _convert(tp: Any, value: Any, key: str, source: str) -> Any:
     """``value`` checked (and lightly converted) against the annotation ``tp``."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
-    bad = ConfigError(f"{source}: {key}: expected {_type_name(tp)}, found {value!r}")
+    bad = ConfigError(f"{source}: {key}: expected {_type_name(tp)}, found {short_repr(value)}")
     if tp is Any:
         return value
     if origin in (typing.Union, types.UnionType):
@@ -93,6 +106,9 @@ def _convert(tp: Any, value: Any, key: str, source: str) -> Any:
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise bad
+        if len(args) == 2:
+            return {_convert(args[0], k, f"{key} key", source): _convert(args[1], v, f"{key}[{k!r}]", source)
+                    for k, v in value.items()}
         return dict(value)
     if tp is bool:
         if isinstance(value, bool):
@@ -118,11 +134,23 @@ def _convert(tp: Any, value: Any, key: str, source: str) -> Any:
     return value
 
 
+def _unknown_keys(d: Any, fields: set[str], source: str, prefix: str) -> list[str]:
+    """The keys of ``d`` that are not ``fields``, sorted; a non-mapping or a non-string key is an error."""
+    if not isinstance(d, dict):
+        where = f"{prefix[:-1]}: " if prefix else ""
+        raise ConfigError(f"{source}: {where}expected a mapping of config keys, found {type(d).__name__} {short_repr(d)}")
+    odd = [k for k in d if not isinstance(k, str)]
+    if odd:
+        raise ConfigError(f"{source}: key {short_repr(odd[0])} under {prefix[:-1] or 'the top level'!r}: "
+                          "expected a string (a config field name)")
+    return sorted(set(d) - fields)
+
+
 def from_dict(cls: type, d: dict, source: str = "config", *, prefix: str = "") -> Any:
     """Build ``cls`` from ``d``; unknown keys and wrong types are ConfigErrors naming ``source``."""
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(d) - fields)
+    unknown = _unknown_keys(d, fields, source, prefix)
     if unknown:
         raise ConfigError(f"{source}: unknown key {(prefix + unknown[0])!r} (expected one of: {', '.join(sorted(fields))})")
     kwargs = {k: _convert(hints[k], v, f"{prefix}{k}", source) for k, v in d.items()}
@@ -136,7 +164,7 @@ def merge(obj: Any, d: dict, source: str = "config", *, prefix: str = "") -> Any
     """``obj`` (a dataclass) with the keys of ``d`` overridden, nested dataclasses merged key by key."""
     hints = typing.get_type_hints(type(obj))
     fields = {f.name for f in dataclasses.fields(obj)}
-    unknown = sorted(set(d) - fields)
+    unknown = _unknown_keys(d, fields, source, prefix)
     if unknown:
         raise ConfigError(f"{source}: unknown key {(prefix + unknown[0])!r} (expected one of: {', '.join(sorted(fields))})")
     changes = {}

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import reprlib
 import shutil
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -106,8 +107,10 @@ def read_config(path: str | os.PathLike) -> tuple[Any, dict]:
         raw = json.loads(cfg_path.read_text())
     except FileNotFoundError:
         raise CheckpointError(f"{cfg_path}: config.json not found in the checkpoint directory") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise CheckpointError(f"{cfg_path}: cannot read config.json ({e.strerror or e})") from None
     if not isinstance(raw, dict):
         raise CheckpointError(f"{cfg_path}: expected a JSON object, found {type(raw).__name__}")
     try:
@@ -123,11 +126,15 @@ def tensor_index(path: str | os.PathLike) -> dict[str, Path]:
     if index.exists():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError, RecursionError, OSError) as e:
             raise CheckpointError(f"{index}: expected JSON with a 'weight_map' object ({e!r})") from None
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index}: 'weight_map' must map tensor names to file names")
-        return {name: path / str(file) for name, file in weight_map.items()}
+        for name, file in weight_map.items():
+            if not isinstance(file, str) or not file or file != Path(file).name or file in (".", ".."):
+                raise CheckpointError(f"{index}: weight_map[{name!r}]: expected a file name in {path}, "
+                                      f"found {reprlib.repr(file)}")
+        return {name: path / file for name, file in weight_map.items()}
     single = path / SINGLE_NAME
     if single.exists():
         return {name: single for name in SafetensorsFile(single).keys()}

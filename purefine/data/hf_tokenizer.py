@@ -40,8 +40,10 @@ CLEANUPS = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), ("
 def _read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise TokenizerError(f"{path}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise TokenizerError(f"{path}: cannot read ({e.strerror or e})") from None
     if not isinstance(data, dict):
         raise TokenizerError(f"{path}: expected a JSON object, found {type(data).__name__}")
     return data
@@ -110,7 +112,10 @@ class HFTokenizer:
     @staticmethod
     def _chat_template(directory: Path, config: dict) -> str | None:
         if (directory / CHAT_TEMPLATE_FILE).is_file():
-            return (directory / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
+            try:
+                return (directory / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
+            except (UnicodeDecodeError, OSError) as e:
+                raise TokenizerError(f"{directory / CHAT_TEMPLATE_FILE}: not a UTF-8 text file ({e})") from None
         template = config.get("chat_template")
         return template if isinstance(template, str) else None
 

@@ -193,10 +193,13 @@ def tokenize(rows: datasets.Dataset, tokenizer: Tokenizer, cfg: DataConfig, *, n
     opts = dict(fmt=fmt, template=cfg.template, tokenizer=tokenizer, column_map=dict(cfg.column_map),
                 train_on=cfg.train_on, max_seq_len=cfg.max_seq_len)
     kwargs = {"opts": opts, "preference": preference, "json_columns": tuple(json_columns)}
-    out = rows.map(_map_batch, with_indices=True, batched=True, batch_size=256, remove_columns=rows.column_names,
-                   features=_output_features(preference), fn_kwargs=kwargs, num_proc=cfg.num_proc,
-                   new_fingerprint=sources.fingerprint(rows, tokenizer, cfg, fmt),
-                   desc=f"tokenizing {name}")
+    try:
+        out = rows.map(_map_batch, with_indices=True, batched=True, batch_size=256, remove_columns=rows.column_names,
+                       features=_output_features(preference), fn_kwargs=kwargs, num_proc=cfg.num_proc,
+                       new_fingerprint=sources.fingerprint(rows, tokenizer, cfg, fmt),
+                       desc=f"tokenizing {name}")
+    except UnicodeDecodeError as e:  # Arrow's JSON reader keeps invalid UTF-8; it fails when a column is read
+        raise DataError(f"{name}: holds text that is not valid UTF-8 ({e}); re-encode the file as UTF-8") from None
     return _select_good(out, name, cfg, tokenizer.pad_id, preference, fmt)
 
 

@@ -74,6 +74,22 @@ def _csv_options(path: Path) -> dict[str, Any]:
     return {"features": datasets.Features({name: datasets.Value("string") for name in header}), "keep_default_na": False}
 
 
+def _check_json_lines(path: Path) -> None:
+    """Refuse a json / jsonl file with a line that starts with ``null``: pyarrow's JSON reader, which
+    ``datasets`` runs on blocks of whole lines, crashes the interpreter (a segfault, pyarrow 26) on a
+    block whose first value is null."""
+    opener = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}.get(path.suffix.lower(), open)
+    if path.suffix.lower() == ".zst":
+        return
+    try:
+        with opener(path, "rb") as f:
+            for number, line in enumerate(f, 1):
+                if line.lstrip().startswith(b"null"):
+                    raise DataError(f"{path}: line {number}: expected a JSON object (one row), found null")
+    except (OSError, EOFError, lzma.LZMAError) as e:
+        raise DataError(f"{path}: cannot read ({e})") from None
+
+
 class _MissingSplit(DataError):
     pass
 
@@ -90,6 +106,8 @@ def _call(source: str, wanted_split: str, fn: Any, *args: Any, **kwargs: Any) ->
     """Run a datasets loader, turning its failures into ``DataError``s that name ``source``."""
     try:
         return fn(*args, **kwargs)
+    except StopIteration:  # datasets' json reader on a file with no bytes
+        raise DataError(f"{source}: cannot load (the file holds no rows)") from None
     except ConnectionError as e:
         raise DataError(
             f"{source}: cannot reach the Hugging Face Hub to load this dataset ({' '.join(str(e).split())[:160]}), "
@@ -118,12 +136,18 @@ def _load(source: str, split: str, subset: str | None, revision: str | None, cac
         builder = _builder(path)
         if builder is None:
             raise DataError(f"{path}: unknown data file type {path.suffix!r}; expected .json, .jsonl, .csv or .parquet")
+        if path.stat().st_size == 0:
+            raise DataError(f"{path}: the data file is empty")
+        if builder == "json":
+            _check_json_lines(path)
         extra = _csv_options(path) if builder == "csv" and path.suffix.lower() != ".zst" else {}
         return _call(source, split, datasets.load_dataset, builder, data_files={"train": str(path)}, split="train",
                      cache_dir=cache_dir, **extra)
     if path.is_dir():
         if any((path / m).is_file() for m in SAVED_MARKERS):
             return _split_of(_call(source, split, datasets.load_from_disk, str(path)), source, split)
+        for file in (f for f in path.rglob("*") if _builder(f) == "json" and f.is_file()):
+            _check_json_lines(file)
         return _call(source, split, datasets.load_dataset, str(path), name=subset, split=split, cache_dir=cache_dir)
     if looks_like_path(source):
         raise DataError(f"{source}: data file or directory not found")
@@ -171,13 +195,17 @@ def exact_json_columns(rows: datasets.Dataset, source: str) -> tuple[datasets.Da
         return rows, ()
     try:
         exact = _read_json_rows(Path(source).expanduser())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    except (OSError, EOFError, ValueError, RecursionError, lzma.LZMAError):  # ValueError: bad JSON or UTF-8
         return rows, ()
     if exact is None or len(exact) != len(rows) or not all(isinstance(r, dict) for r in exact):
         return rows, ()
     for name in mixed:
         values = [json.dumps(r[name]) if r.get(name) is not None else None for r in exact]
-        rows = rows.remove_columns(name).add_column(name, values, feature=datasets.Value("string"))
+        if len(rows.column_names) == 1:  # removing the only column would leave a table of no rows
+            rows = rows.add_column(f"{name}.json", values, feature=datasets.Value("string"))
+            rows = rows.remove_columns(name).rename_column(f"{name}.json", name)
+        else:
+            rows = rows.remove_columns(name).add_column(name, values, feature=datasets.Value("string"))
     return rows, tuple(mixed)
 
 

@@ -69,14 +69,19 @@ class SentencePieceTokenizer:
             self.processor = spm.SentencePieceProcessor(model_file=str(self.path))
         except (RuntimeError, OSError) as e:
             raise TokenizerError(f"{self.path}: not a SentencePiece model ({' '.join(str(e).split())})") from None
+        except UnicodeDecodeError:  # sentencepiece's own error message quoted bytes of the broken file
+            raise TokenizerError(f"{self.path}: not a SentencePiece model (unreadable model proto)") from None
         sp = self.processor
         self.vocab_size: int = sp.get_piece_size()
         self.bos_id: int | None = sp.bos_id() if sp.bos_id() >= 0 else None
         self.eos_id: int | None = sp.eos_id() if sp.eos_id() >= 0 else None
         self.unk_id: int | None = sp.unk_id() if sp.unk_id() >= 0 else None
         self.pad_id: int = sp.pad_id() if sp.pad_id() >= 0 else (self.unk_id or 0)
-        self._special = {sp.id_to_piece(i): i for i in range(self.vocab_size)
-                         if sp.is_control(i) or sp.is_unknown(i)}
+        try:
+            self._special = {sp.id_to_piece(i): i for i in range(self.vocab_size)
+                             if sp.is_control(i) or sp.is_unknown(i)}
+        except UnicodeDecodeError as e:
+            raise TokenizerError(f"{self.path}: a special piece is not valid UTF-8 ({e})") from None
 
     @property
     def special_tokens(self) -> Mapping[str, int]:
@@ -100,7 +105,10 @@ class SentencePieceTokenizer:
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
             raise TokenizerError(f"{self.path}: token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
-        return self.processor.decode(ids)
+        try:
+            return self.processor.decode(ids)
+        except UnicodeDecodeError as e:  # a piece of a damaged model holds bytes that are not UTF-8
+            raise TokenizerError(f"{self.path}: cannot decode {ids[:8]}... ({e})") from None
 
     def token_to_id(self, token: str) -> int | None:
         """The id of one piece, or None when the vocabulary lacks it."""

@@ -81,7 +81,7 @@ class LlamaConfig:
             )
         if self.head_dim % 2:
             raise ConfigError(f"{self.model_type} config: head_dim must be even for rotary embeddings, found {self.head_dim}")
-        ops.rope_inv_freq(self.head_dim, self.rope_theta, self.rope_scaling)  # validates the scaling kind
+        ops.rope_inv_freq(2, self.rope_theta, self.rope_scaling)  # validates the scaling kind (2: no huge head_dim alloc)
 
     @classmethod
     def from_hf(cls, d: dict, source: str = "config.json") -> LlamaConfig:

@@ -7,12 +7,17 @@ A family is a module that defines ``Config`` (with ``model_type``, ``from_hf``, 
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib
+import math
+import reprlib
+import types
+import typing
 from types import ModuleType
 from typing import Any
 
-from purefine.errors import ConfigError
+from purefine.errors import ConfigError, PurefineError
 
 FAMILIES: dict[str, str] = {
     "llama": "purefine.models.llama",
@@ -49,9 +54,52 @@ def preset(name: str) -> Any:
     return table[name]
 
 
+def _fits(tp: Any, value: Any) -> bool:
+    """``value`` is of the annotated type (ints within int64, floats finite, containers checked)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(a, value) for a in args)
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool) and abs(value) < 2**63
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if origin in (list, tuple) or tp in (list, tuple):
+        inner = args[0] if args else Any
+        return isinstance(value, (list, tuple)) and all(_fits(inner, v) for v in value)
+    if origin is dict or tp is dict:
+        return isinstance(value, dict)
+    return not isinstance(tp, type) or isinstance(value, tp)
+
+
+def check_field_types(cfg: Any, source: str) -> Any:
+    """``cfg`` if every field holds a value of its annotated type, else a ConfigError naming the key."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if not _fits(hints[f.name], value):
+            raise ConfigError(f"{source}: {f.name}: expected {hints[f.name]}, found {reprlib.repr(value)}")
+    return cfg
+
+
 def config_from_hf(d: dict, source: str = "config.json") -> Any:
-    """The config of an HF ``config.json`` dict, by its ``model_type``."""
+    """The config of an HF ``config.json`` dict, by its ``model_type``. Values of the wrong type
+    (strings for sizes, NaN, ints past int64, malformed sub-objects) are ConfigErrors naming ``source``."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{source}: expected a JSON object, found {type(d).__name__}")
     model_type = d.get("model_type")
-    if model_type not in FAMILIES:
-        raise ConfigError(f"{source}: model_type: expected one of {sorted(FAMILIES)}, found {model_type!r}")
-    return family(model_type).Config.from_hf(d, source)
+    if not isinstance(model_type, str) or model_type not in FAMILIES:
+        raise ConfigError(f"{source}: model_type: expected one of {sorted(FAMILIES)}, found {reprlib.repr(model_type)}")
+    try:
+        cfg = family(model_type).Config.from_hf(d, source)
+    except PurefineError:
+        raise
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError, OverflowError, RecursionError) as e:
+        what = f"missing key {e}" if isinstance(e, KeyError) else " ".join(str(e).split())[:200]
+        raise ConfigError(f"{source}: not a valid {model_type} config ({type(e).__name__}: {what})") from None
+    return check_field_types(cfg, source)

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import tyro
 
-from purefine.errors import PurefineError
+from purefine.errors import ConfigError, PurefineError
 
 T = TypeVar("T")
 EXIT_USAGE = 2
@@ -39,7 +39,8 @@ def _tyro_message(text: str) -> str:
 
 def parse(config_type: type[T], args: Sequence[str] | None = None, *, default: T | None = None,
           description: str | None = None) -> T:
-    """tyro.cli with usage errors folded to one line and exit status 2 (``--help`` still works)."""
+    """tyro.cli with usage errors folded to one line as a ``ConfigError`` (``run`` prints it and exits
+    with status 2; ``--help`` still works)."""
     args = list(sys.argv[1:] if args is None else args)
     kwargs = {"args": args, "description": description} | ({"default": default} if default is not None else {})
     if any(a in ("-h", "--help") for a in args):
@@ -51,8 +52,7 @@ def parse(config_type: type[T], args: Sequence[str] | None = None, *, default: T
     except SystemExit as e:
         if e.code in (0, None):
             raise
-        fail(_tyro_message(buf.getvalue()))
-    raise AssertionError("unreachable")
+        raise ConfigError(_tyro_message(buf.getvalue())) from None
 
 
 def run(main: Callable[[T], Any], config_type: type[T], args: Sequence[str] | None = None, *,
