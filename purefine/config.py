@@ -155,6 +155,10 @@ class TrainConfig:
     """Write loss.png at the end (needs matplotlib)."""
     profile: bool = False
     """Trace a few steps with torch.profiler and print the top ops."""
+    debug_stats: int = 0
+    """Every N steps, print per-layer activation and gradient norms with NaN/inf counts (also to debug_stats.jsonl); 0: off."""
+    memory_report: bool = False
+    """Measure the first steps' peak memory and print it split into weights, adapters, optimizer state, activations, gradients and temporaries (memory.json)."""
 
 
 def resolve_preset(name_or_path: str) -> Path:
