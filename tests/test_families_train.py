@@ -6,13 +6,14 @@ it saves load in ``peft`` over the ``transformers`` model with equal logits, and
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
 
 import purefine as pf
 from purefine import lora, tree
-from purefine.config import LoraConfig, OptimConfig, TrainConfig
+from purefine.config import OptimConfig, TrainConfig
 from purefine.data import DataConfig
 from purefine.errors import CheckpointError, ConfigError
 from purefine.recipes.train import main
@@ -67,7 +68,7 @@ def perturbed(params, seed=0, where=r".*\.lora_b"):
     """B (and any path ``where`` matches) moved off zero so the adapter changes the logits."""
     gen = torch.Generator().manual_seed(seed)
     return tree.map_with_path(lambda p, x: x + torch.randn(x.shape, generator=gen) * 0.3
-                              if torch.is_tensor(x) and __import__("re").fullmatch(where, p) else x, params)
+                              if torch.is_tensor(x) and re.fullmatch(where, p) else x, params)
 
 
 def peft_logits(model, adapter, tokens, **kwargs):

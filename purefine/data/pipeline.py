@@ -86,6 +86,10 @@ class DataConfig:
     """Processes for tokenization (datasets.map)."""
     cache_dir: str | None = None
     """Datasets cache directory (default: the Hugging Face cache)."""
+    text_column: str = "text"
+    """The text column for --task classify / mlm."""
+    label_column: str = "label"
+    """The label column for --task classify: class ids 0..C-1 or class names."""
 
 
 @dataclass(frozen=True, eq=False)
