@@ -16,7 +16,6 @@ from purefine.config import TrainConfig, to_yaml
 from purefine.errors import ConfigError
 from purefine.recipes import run
 from purefine.recipes.export import ExportConfig, main
-from purefine.recipes.train import QLORA_QUANTIZE
 from tests.conftest import make_hf_llama
 
 TOL = 1e-4
@@ -51,7 +50,8 @@ def trained(params: dict, *, dora: bool, seed: int = 1) -> dict:
 def adapter_dir(tmp_path: Path, base_dir: Path, *, dora: bool, quantize: bool = False) -> tuple[Path, dict]:
     """Save trained adapters of the base (NF4 with ``quantize``) -> (adapter dir, purefine params)."""
     if quantize:
-        _, params = checkpoint.load_hf(base_dir, dtype=torch.bfloat16, quantize=QLORA_QUANTIZE)
+        pattern = models.quantize_pattern(checkpoint.read_config(base_dir)[0])
+        _, params = checkpoint.load_hf(base_dir, dtype=torch.bfloat16, quantize=pattern)
     else:
         _, params = checkpoint.load_hf(base_dir)
     params = trained(params, dora=dora)

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from purefine import checkpoint, data, generate, lora, tree
+from purefine import checkpoint, data, generate, lora, models, tree
 from purefine.config import TrainConfig, to_yaml
 from purefine.errors import DataError
 from purefine.recipes import run
@@ -109,11 +109,9 @@ def test_run_dir_uses_the_runs_adapter_and_template(model, tmp_path):
 
 def test_quantized_base_generates_with_the_nf4_model(model):
     base, adapter, cfg, _ = model
-    from purefine.recipes.train import QLORA_QUANTIZE
-
     rows = main(GenerateConfig(checkpoint_dir=str(base), adapter_dir=str(adapter), quantize=True,
                                prompt=(PROMPTS[0],), max_new_tokens=5, device="cpu"))
-    _, nf4_params = checkpoint.load_hf(base, dtype=torch.bfloat16, quantize=QLORA_QUANTIZE)
+    _, nf4_params = checkpoint.load_hf(base, dtype=torch.bfloat16, quantize=models.quantize_pattern(cfg))
     nf4_params = generate.cast_params(checkpoint.load_peft(adapter, nf4_params), torch.bfloat16)
     tokenizer = data.load_tokenizer(base)
     want = generate.generate(cfg, nf4_params, [tokenizer.encode(PROMPTS[0], bos=True)], max_new_tokens=5,

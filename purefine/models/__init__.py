@@ -11,6 +11,8 @@ Labels are already shifted: ``labels[b, t]`` is the target for the prediction at
 
 from __future__ import annotations
 
+import re
+
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -115,3 +117,12 @@ def lora_targets(cfg: Any, targets: str | Sequence[str] = DEFAULT_TARGETS) -> st
                               "give module names or a regex")
         out.update(dict.fromkeys(expand[name] if name in expand else (name,)))
     return list(out)
+
+
+def quantize_pattern(cfg: Any) -> str:
+    """The regex of the weights QLoRA stores in NF4: every linear layer of the blocks (the family's
+    ``LINEAR_LAYERS``), never embeddings or the output head."""
+    names = getattr(family(cfg), "LINEAR_LAYERS", None)
+    if not names:
+        raise ConfigError(f"qlora: the {cfg.model_type} family names no linear layers to quantize")
+    return r".*\.(?:" + "|".join(re.escape(n) for n in names) + r")\.weight"

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import torch
 
-from purefine import checkpoint
+from purefine import checkpoint, models
 from purefine.errors import CheckpointError, ConfigError
 
 DType = Literal["auto", "fp32", "bf16"]
@@ -125,14 +125,12 @@ def load_run(run_dir: Path, *, device: torch.device) -> LoadedModel:
 
 def load_checkpoint(source: ModelSource, *, device: torch.device, dtype: torch.dtype) -> LoadedModel:
     """--checkpoint-dir (NF4 with --quantize) plus the optional --adapter-dir."""
-    from purefine.recipes.train import QLORA_QUANTIZE
-
     ckpt = Path(source.checkpoint_dir)
     adapter = Path(source.adapter_dir) if source.adapter_dir is not None else None
     if adapter is not None and not adapter.is_dir():
         raise CheckpointError(f"--adapter-dir {adapter}: directory not found")
     base_dtype = torch.bfloat16 if source.quantize else dtype  # QLoRA quantizes the bf16 weights
-    quantize = QLORA_QUANTIZE if source.quantize else None
+    quantize = models.quantize_pattern(checkpoint.read_config(ckpt)[0]) if source.quantize else None
     cfg, params = checkpoint.load_hf(ckpt, dtype=base_dtype, quantize=quantize, device=device)
     if adapter is not None:
         params = checkpoint.load_peft(adapter, params)

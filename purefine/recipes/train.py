@@ -24,8 +24,6 @@ from purefine.recipes import resume
 from purefine.errors import ConfigError
 from purefine.logging import MetricsLogger, limit_heap_fragmentation, peak_memory_bytes
 
-# The frozen weights QLoRA stores in NF4: every attention and MLP projection (not embeddings / lm_head).
-QLORA_QUANTIZE = r".*\.(self_attn|mlp)\.\w+_proj\.weight"
 # Presets that ship pretrained weights inside the package (the demo base model).
 BUNDLED_DIR = Path(data.ASSETS_DIR)
 
@@ -79,14 +77,16 @@ def load_model(cfg: TrainConfig, device: torch.device, layout: shard.Layout | No
     Under a mesh (``layout``) each rank reads only its own slices of the checkpoint."""
     dtype = compute_dtype(cfg)
     frozen_dtype = dtype if cfg.peft != "none" else torch.float32  # full FT keeps fp32 masters
-    quantize = QLORA_QUANTIZE if cfg.peft == "qlora" else None
     source = checkpoint_source(cfg)
     if source is not None:
+        model_cfg = checkpoint.read_config(source)[0]
+    else:
+        model_cfg = models.preset(cfg.model) if cfg.checkpoint_dir is None else checkpoint.read_config(cfg.checkpoint_dir)[0]
+    quantize = models.quantize_pattern(model_cfg) if cfg.peft == "qlora" else None
+    if source is not None:
         sliced = layout is not None and cfg.peft != "dora"  # DoRA's magnitude is set from whole weights
-        reader = layout.checkpoint_reader(checkpoint.read_config(source)[0], dtype=frozen_dtype,
-                                          quantize=quantize) if sliced else None
+        reader = layout.checkpoint_reader(model_cfg, dtype=frozen_dtype, quantize=quantize) if sliced else None
         return checkpoint.load_hf(source, dtype=frozen_dtype, quantize=quantize, device=device, reader=reader)
-    model_cfg = models.preset(cfg.model) if cfg.checkpoint_dir is None else checkpoint.read_config(cfg.checkpoint_dir)[0]
     hook = None
     if quantize is not None:
         from purefine import nf4
