@@ -84,3 +84,15 @@ def test_bad_input_is_one_line_and_exit_2(args, tmp_path):
     assert out.returncode == 2, (args, out.stdout[-500:], out.stderr[-500:])
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and out.stderr.count("error:") == 1, out.stderr
+
+
+def test_qlora_lowers_the_loss_as_lora_does(tmp_path):
+    qlora = main(demo(tmp_path / "q", peft="qlora"))
+    lora_run = main(demo(tmp_path / "l", peft="lora"))
+    assert falls(qlora), qlora["losses"]
+    # NF4 perturbs the frozen base a little; the adapters still learn about as much
+    drop_q = qlora["first_loss"] - qlora["last_loss"]
+    drop_l = lora_run["first_loss"] - lora_run["last_loss"]
+    assert drop_q > 0.5 * drop_l
+    cfg = json.loads((tmp_path / "q" / "out" / "adapter" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 8
