@@ -203,7 +203,7 @@ def _check_config(file: Path, c: dict) -> None:
     if not (isinstance(targets, str) or names):
         raise bad("target_modules", "a list of module names or a regex string")
     dropout = c.get("lora_dropout", 0.0)
-    if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+    if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0.0 <= dropout < 1.0:
         raise bad("lora_dropout", "a number in [0, 1)")
     for key in ("use_rslora", "use_dora", "fan_in_fan_out"):
         if not isinstance(c.get(key, False), bool):
