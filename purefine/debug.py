@@ -15,6 +15,9 @@
 - ``TrainHooks``: what the train recipe calls for ``--profile``, ``--debug-stats N`` and
   ``--memory-report``.
 
+The memory accounting follows storages through a ``TorchDispatchMode`` and tells backward kernels
+apart with ``torch._C._current_graph_task_id``: private corners of torch, kept to this module.
+
     stats = pf.debug.layer_stats(cfg, params, batch, trainable=pf.lora.trainable)
     print(pf.debug.format_layer_stats(stats))
     state, metrics, report = pf.debug.memory_breakdown(step, state, batch)
@@ -137,14 +140,11 @@ def format_layer_stats(stats: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-# ---------------------------------------------------------------------------------------------- memory
-
 DYNAMIC = ("activations", "gradients", "temporaries")
 
 
 class _Mallinfo2(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_size_t) for n in
-                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+    _fields_ = [(n, ctypes.c_size_t) for n in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
 
 
 def _heap_reader() -> Callable[[], int] | None:
@@ -312,8 +312,6 @@ def format_memory(report: MemoryReport) -> str:
     return "\n".join(rows)
 
 
-# ---------------------------------------------------------------------------------------------- profiler
-
 class StepProfiler:
     """``torch.profiler`` over steps ``warmup + 1 .. warmup + active`` of a run; call ``step()``
     after each train step and ``close()`` at the end. Writes ``profile/trace.json`` (a Chrome
@@ -355,8 +353,6 @@ class StepProfiler:
             self.write("profile: the run ended before any step was traced (it needs more than the warm-up step)")
             self.done = True
 
-
-# ---------------------------------------------------------------------------------------------- recipe
 
 class TrainHooks:
     """The train recipe's debugging flags. ``cfg`` gives ``profile``, ``debug_stats`` (every N

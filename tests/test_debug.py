@@ -125,6 +125,13 @@ def test_check_cli_prints_the_report(tmp_path) -> None:
         check.main(check.CheckConfig())
 
 
+def test_check_without_transformers_is_a_one_line_error(tmp_path, monkeypatch) -> None:
+    make_hf_llama(tmp_path / "hf")
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers -> ImportError
+    with pytest.raises(ConfigError, match="transformers is not installed"):
+        check.main(check.CheckConfig(checkpoint_dir=str(tmp_path / "hf")))
+
+
 # ----------------------------------------------------------------------------------------------- memory
 
 def lora_step(cfg: object, mode: str) -> tuple:
