@@ -26,6 +26,7 @@ from typing import Any
 
 from tokenizers import Tokenizer as _Backend
 
+from purefine.data.tokenizer import checked_ids, with_bos_eos
 from purefine.errors import TokenizerError
 
 TOKENIZER_JSON = "tokenizer.json"
@@ -128,19 +129,11 @@ class HFTokenizer:
         """Text -> ids (no template tokens), with the bos / eos id added when asked and defined."""
         if not isinstance(text, str):
             raise TokenizerError(f"{self.path}: encode expects a string, found {type(text).__name__}")
-        ids = self.backend.encode(text, add_special_tokens=False).ids if text else []
-        if bos and self.bos_id is not None:
-            ids = [self.bos_id, *ids]
-        if eos and self.eos_id is not None:
-            ids = [*ids, self.eos_id]
-        return ids
+        return with_bos_eos(self, self.backend.encode(text, add_special_tokens=False).ids if text else [], bos, eos)
 
     def decode(self, ids: Sequence[int]) -> str:
         """Ids -> text, special tokens dropped. Out-of-range ids are an error, not silently dropped."""
-        ids = [int(i) for i in ids]
-        bad = [i for i in ids if not 0 <= i < self.vocab_size]
-        if bad:
-            raise TokenizerError(f"{self.path}: token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+        ids = checked_ids(self, ids)
         text = self.backend.decode(ids, skip_special_tokens=True)
         if self.cleanup:
             for old, new in CLEANUPS:

@@ -17,7 +17,7 @@ import importlib
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import sentencepiece as spm
 
@@ -52,6 +52,24 @@ class Tokenizer(Protocol):
     def token_to_id(self, token: str) -> int | None:
         """The id of one whole token string (a special token), or None if the vocabulary lacks it."""
         ...
+
+
+def with_bos_eos(tok: Any, ids: list[int], bos: bool, eos: bool) -> list[int]:
+    """``ids`` with the tokenizer's bos / eos id around them when asked for and defined."""
+    if bos and tok.bos_id is not None:
+        ids = [tok.bos_id, *ids]
+    if eos and tok.eos_id is not None:
+        ids = [*ids, tok.eos_id]
+    return ids
+
+
+def checked_ids(tok: Any, ids: Sequence[int]) -> list[int]:
+    """``ids`` as ints, or a TokenizerError naming the tokenizer file and the first id outside its vocabulary."""
+    ids = [int(i) for i in ids]
+    bad = [i for i in ids if not 0 <= i < tok.vocab_size]
+    if bad:
+        raise TokenizerError(f"{tok.path}: token id {bad[0]} is outside the vocabulary [0, {tok.vocab_size})")
+    return ids
 
 
 class SentencePieceTokenizer:
@@ -92,19 +110,11 @@ class SentencePieceTokenizer:
         """Text -> ids (SentencePiece semantics: special-token strings in the text stay plain text)."""
         if not isinstance(text, str):
             raise TokenizerError(f"{self.path}: encode expects a string, found {type(text).__name__}")
-        ids = self.processor.encode(text) if text else []
-        if bos and self.bos_id is not None:
-            ids = [self.bos_id, *ids]
-        if eos and self.eos_id is not None:
-            ids = [*ids, self.eos_id]
-        return ids
+        return with_bos_eos(self, self.processor.encode(text) if text else [], bos, eos)
 
     def decode(self, ids: Sequence[int]) -> str:
         """Ids -> text. Out-of-range ids are an error, not silently dropped."""
-        ids = [int(i) for i in ids]
-        bad = [i for i in ids if not 0 <= i < self.vocab_size]
-        if bad:
-            raise TokenizerError(f"{self.path}: token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+        ids = checked_ids(self, ids)
         try:
             return self.processor.decode(ids)
         except UnicodeDecodeError as e:  # a piece of a damaged model holds bytes that are not UTF-8

@@ -83,58 +83,46 @@ def reduce_from_parallel(x: torch.Tensor, group: Any) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class ColumnParallel:
-    """A weight whose output rows are split over tp ranks: ``weight`` is this rank's (out/tp, in)
-    tensor or leaf kind; ``linear`` gives this rank's (..., out/tp) slice of the output."""
+class _LocalWeight:
+    """What both tensor-parallel kinds share: this rank's slice of a weight (a tensor or a leaf kind)."""
 
     weight: Any
     group: Any = None
 
     @property
     def shape(self) -> torch.Size:
-        """(out/tp, in): this rank's slice of the weight."""
+        """This rank's slice of the weight: (out/tp, in) column-wise, (out, in/tp) row-wise."""
         return torch.Size(self.weight.shape)
 
     @property
     def dtype(self) -> torch.dtype:
         """The dtype of this rank's weight slice."""
         return self.weight.dtype
+
+    def dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The local weight slice as a plain tensor."""
+        return self.weight.dense(dtype) if tree.is_kind(self.weight) else self.weight.to(dtype or self.weight.dtype)
+
+
+@dataclass(frozen=True)
+class ColumnParallel(_LocalWeight):
+    """A weight whose output rows are split over tp ranks: ``weight`` is this rank's (out/tp, in)
+    tensor or leaf kind; ``linear`` gives this rank's (..., out/tp) slice of the output."""
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x (..., in) replicated -> (..., out/tp) local; ``bias`` is the local (out/tp,) slice."""
         return ops.linear(copy_to_parallel(x, self.group), self.weight, bias)
 
-    def dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The local (out/tp, in) weight."""
-        return self.weight.dense(dtype) if tree.is_kind(self.weight) else self.weight.to(dtype or self.weight.dtype)
-
 
 @dataclass(frozen=True)
-class RowParallel:
+class RowParallel(_LocalWeight):
     """A weight whose input columns are split over tp ranks: ``weight`` is this rank's (out, in/tp)
     tensor or leaf kind; ``linear`` sums the partial outputs over tp."""
-
-    weight: Any
-    group: Any = None
-
-    @property
-    def shape(self) -> torch.Size:
-        """(out, in/tp): this rank's slice of the weight."""
-        return torch.Size(self.weight.shape)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The dtype of this rank's weight slice."""
-        return self.weight.dtype
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x (..., in/tp) local -> (..., out) replicated; ``bias`` (out,) is added once, after the sum."""
         y = reduce_from_parallel(ops.linear(x, self.weight), self.group)
         return y if bias is None else y + bias
-
-    def dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The local (out, in/tp) weight."""
-        return self.weight.dense(dtype) if tree.is_kind(self.weight) else self.weight.to(dtype or self.weight.dtype)
 
 
 tree.register_node(ColumnParallel, ("weight",), ("group",))
