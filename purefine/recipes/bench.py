@@ -3,7 +3,8 @@
 Each case runs in a fresh subprocess so its peak resident memory is its own. Printed as JSON:
 
     python scripts/bench.py                       # train steps: tiny and ~134M presets, full and LoRA
-    python scripts/bench.py --suite all           # + data pipeline and generation
+    python scripts/bench.py --suite parallel      # 2 processes under torchrun against 1
+    python scripts/bench.py --suite all           # + data pipeline, generation and parallel
     python scripts/bench.py --cases llama-134m/lora/fp32/remat
 
 MFU counts the FLOPs a step must do (PaLM's accounting: 6N per token for full fine-tuning, 4N when
@@ -33,8 +34,8 @@ SHAPES = {"llama-tiny": (8, 256), "llama-134m": (4, 512)}
 class BenchConfig:
     """What to measure."""
 
-    suite: Literal["train", "all"] = "train"
-    """train: the train-step cases; all: also data pipeline and generation throughput."""
+    suite: Literal["train", "parallel", "all"] = "train"
+    """train: the train-step cases; parallel: 2 processes (torchrun, gloo) against 1; all: train, parallel, data pipeline and generation."""
     cases: tuple[str, ...] = DEFAULT_CASES
     """Cases preset/mode/dtype[/remat]: mode full or lora, dtype fp32 or bf16."""
     steps: int = 5
@@ -124,7 +125,13 @@ def main(cfg: BenchConfig) -> dict:
     """Run every case in its own subprocess and print one JSON document."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    results = {"machine": {"threads": torch.get_num_threads(), "torch": torch.__version__}, "train": []}
+    results: dict = {"machine": {"threads": torch.get_num_threads(), "torch": torch.__version__}, "train": []}
+    if cfg.suite == "parallel":
+        from purefine.shard.bench import BenchArgs, compare
+
+        results["parallel"] = compare(BenchArgs(nproc=2))
+        print(json.dumps(results, indent=2))
+        return results
     for case in cfg.cases:
         cmd = [sys.executable, "-m", "purefine.recipes.bench_case", case, str(cfg.steps), str(cfg.threads)]
         out = subprocess.run(cmd, capture_output=True, text=True)
@@ -138,5 +145,8 @@ def main(cfg: BenchConfig) -> dict:
 
         results["data"] = bench_pipeline()
         results["generate"] = [bench_generate("llama-tiny"), bench_generate("llama-134m")]
+        from purefine.shard.bench import BenchArgs, compare
+
+        results["parallel"] = compare(BenchArgs(nproc=2))
     print(json.dumps(results, indent=2))
     return results
