@@ -1,6 +1,8 @@
 """Crash-safe file writes: everything goes to a temporary path first and is renamed into place.
 
 - ``atomic_write(path, data)``: one file, written beside its target, fsynced, then ``os.replace``d.
+- ``read_json_object(path, error, what=...)``: a JSON object from a file, or ``error`` naming the
+  file and what was wrong (missing, unreadable, not JSON, not an object).
 - ``atomic_dir(path)``: a context manager yielding a fresh temporary directory; on success it
   replaces ``path`` (the old directory is moved aside first and removed after); on error the
   temporary directory is removed and ``path`` is untouched.
@@ -9,11 +11,13 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 
 def _fsync_dir(path: Path) -> None:
@@ -75,3 +79,19 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     os.rename(tmp, path)
     _fsync_dir(path.parent)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def read_json_object(path: str | os.PathLike, error: type[Exception], *, what: str = "file") -> dict[str, Any]:
+    """The JSON object in ``path``; any other outcome raises ``error`` with the path and the problem."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise error(f"{path}: {what} not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise error(f"{path}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise error(f"{path}: cannot read {what} ({e.strerror or e})") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data

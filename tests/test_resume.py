@@ -14,7 +14,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import purefine as pf
 from purefine.checkpoint import state as state_io
 from purefine.config import OptimConfig, TrainConfig
 from purefine.data import DataConfig

@@ -103,16 +103,7 @@ def read_config(path: str | os.PathLike) -> tuple[Any, dict]:
     if not path.is_dir():
         raise CheckpointError(f"{path}: checkpoint directory not found")
     cfg_path = path / "config.json"
-    try:
-        raw = json.loads(cfg_path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{cfg_path}: config.json not found in the checkpoint directory") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
-    except OSError as e:
-        raise CheckpointError(f"{cfg_path}: cannot read config.json ({e.strerror or e})") from None
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{cfg_path}: expected a JSON object, found {type(raw).__name__}")
+    raw = fsutil.read_json_object(cfg_path, CheckpointError, what="config.json")
     try:
         return models.config_from_hf(raw, str(cfg_path)), raw
     except ConfigError as e:

@@ -173,16 +173,7 @@ def saved_module_tensors(params: Any, entries: list[str] | None) -> dict[str, to
 def read_adapter_config(path: str | os.PathLike) -> dict:
     """The validated ``adapter_config.json`` of an adapter directory (CheckpointError naming the file)."""
     file = Path(path) / CONFIG_NAME
-    try:
-        config = json.loads(file.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{file}: adapter config not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
-    except OSError as e:
-        raise CheckpointError(f"{file}: cannot read the adapter config ({e.strerror or e})") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{file}: expected a JSON object, found {type(config).__name__}")
+    config = fsutil.read_json_object(file, CheckpointError, what="the adapter config")
     _check_config(file, config)
     return config
 

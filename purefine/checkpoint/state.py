@@ -124,16 +124,11 @@ def read_meta(path: str | os.PathLike) -> dict:
     """meta.json of a checkpoint directory, checked."""
     path = Path(path)
     meta_path = path / "meta.json"
-    try:
-        meta = json.loads(meta_path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: not a complete training checkpoint (no meta.json)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise CheckpointError(f"{meta_path}: not valid JSON ({e})") from None
-    except OSError as e:
-        raise CheckpointError(f"{meta_path}: cannot read ({e.strerror or e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(f"{meta_path}: expected format {FORMAT!r}, found {meta.get('format') if isinstance(meta, dict) else meta!r}")
+    if not meta_path.exists():
+        raise CheckpointError(f"{path}: not a complete training checkpoint (no meta.json)")
+    meta = fsutil.read_json_object(meta_path, CheckpointError)
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{meta_path}: expected format {FORMAT!r}, found {meta.get('format')!r}")
     if not isinstance(meta.get("step"), int) or isinstance(meta["step"], bool) or meta["step"] < 0:
         raise CheckpointError(f"{meta_path}: 'step' must be a non-negative integer, found {meta.get('step')!r}")
     return meta

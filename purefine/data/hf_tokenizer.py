@@ -18,7 +18,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any
 
 from tokenizers import Tokenizer as _Backend
 
+from purefine import fsutil
 from purefine.data.tokenizer import checked_ids, with_bos_eos
 from purefine.errors import TokenizerError
 
@@ -39,15 +39,7 @@ CLEANUPS = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), ("
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise TokenizerError(f"{path}: not valid JSON ({e})") from None
-    except OSError as e:
-        raise TokenizerError(f"{path}: cannot read ({e.strerror or e})") from None
-    if not isinstance(data, dict):
-        raise TokenizerError(f"{path}: expected a JSON object, found {type(data).__name__}")
-    return data
+    return fsutil.read_json_object(path, TokenizerError)
 
 
 def _token_text(value: Any, where: str) -> str | None:

@@ -28,7 +28,6 @@ import json
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import datasets
@@ -36,7 +35,7 @@ import numpy as np
 import torch
 
 from purefine.data import sources
-from purefine.data.formats import IGNORE_INDEX, Sample, TrainOn, detect_format, get_template, tokenize_row
+from purefine.data.formats import IGNORE_INDEX, Sample, detect_format, get_template, tokenize_row
 from purefine.data.sampler import SamplerState, plan_rows, rank_rows
 from purefine.data.sources import BUILTIN_DEMO, load_split
 from purefine.data.tokenizer import Tokenizer

@@ -204,6 +204,7 @@ def tokenizer_files(path: Path) -> dict[str, Path]:
 def main(cfg: TrainConfig) -> dict:
     """Run the fine-tune described by ``cfg``; returns a summary (losses, throughput, outputs)."""
     cfg = validate(cfg)
+    limit_heap_fragmentation()
     if cfg.task != "causal_lm":  # an encoder objective (classify, mlm): its own recipe
         from purefine.recipes import classify
         return classify.main(cfg)
