@@ -29,9 +29,8 @@ from purefine.models.llama import init, new_cache, output_weight, param_shapes  
 # transformers' MistralConfig default when config.json has no sliding_window key at all
 HF_DEFAULT_WINDOW = 4096
 
-# LoRA targets: peft's default (q, v), and every linear layer (``all-linear``): Llama's names.
-LORA_TARGETS = ("q_proj", "v_proj")
-LINEAR_LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# LoRA targets and the ``all-linear`` set: the layer names are Llama's.
+LORA_TARGETS, LINEAR_LAYERS = llama.LORA_TARGETS, llama.LINEAR_LAYERS
 
 
 @dataclass(frozen=True)

@@ -25,9 +25,8 @@ from purefine.models.mistral import forward, hidden_states  # noqa: F401  (uses 
 
 LAYER_TYPES = ("full_attention", "sliding_attention")
 
-# LoRA targets: peft's default (q, v), and every linear layer (``all-linear``): Llama's names.
-LORA_TARGETS = ("q_proj", "v_proj")
-LINEAR_LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# LoRA targets and the ``all-linear`` set: the layer names are Llama's.
+LORA_TARGETS, LINEAR_LAYERS = llama.LORA_TARGETS, llama.LINEAR_LAYERS
 
 
 @dataclass(frozen=True)
