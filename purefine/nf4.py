@@ -36,8 +36,7 @@ block's absmax alone), the block scales with the mean to G·256 (centred to 0: s
 factor unchanged); the mean covers the B real blocks only. ``dense()`` drops the padding and
 restores ``shape``. An empty or non-finite weight is refused with an error naming it.
 
-Dequantization is vectorized: one table lookup maps each pair of code bytes straight to four values
-in the compute dtype (an 8-byte table row read as one int64), then one multiply per block scale.
+The code itself (codebook, packing, double quantization, table-lookup decoding) is ``nf4_codec``.
 """
 
 from __future__ import annotations
@@ -56,51 +55,14 @@ import torch.nn.functional as F
 
 from purefine import tree
 from purefine.errors import ConfigError, TreeError
-
-BLOCK_SIZE = 64      # values per absmax block
-GROUP_SIZE = 256     # block scales per int8 double-quantization group
-NORMAL_OFFSET = 0.9677083  # the QLoRA paper's outermost quantile, (1 - 1/(2·15) + 1 - 1/(2·16)) / 2
-_CHUNK_BLOCKS = 1 << 14  # blocks per step: 4 MiB float32 temporaries (cache-friendly, few thread syncs)
+from purefine.nf4_codec import (  # noqa: F401  (the code's names, re-exported for users of nf4)
+    BLOCK_SIZE, CODEBOOK, GROUP_SIZE, NORMAL_OFFSET, dequantize_blocks, double_quantize, encode_values, lookup,
+    normal_float_codebook, pack_codes, unpack_codes,
+)
 
 ERR_NO_MATCH = "nf4.quantize: where={!r} matches no weight path (paths look like {})"
 ERR_NOT_FLOAT = "nf4: {} has dtype {}, expected a floating-point weight to quantize"
 ERR_EMPTY = "nf4: {} has shape {}, expected at least one element to quantize"
-ERR_NONFINITE = "nf4: {} has non-finite values (inf or nan); refusing to quantize it"
-
-
-def normal_float_codebook(offset: float = NORMAL_OFFSET) -> torch.Tensor:
-    """The 16 NF4 values (16,) float32: 8 positive and 7 negative N(0, 1) quantiles and 0, over max.
-
-    Follows bitsandbytes ``create_normal_map(offset, use_extra_value=True)``: probabilities evenly
-    spaced from ``offset`` to 0.5 (float32), quantiles in float64, normalized in float32.
-    """
-    positive = torch.special.ndtri(torch.linspace(offset, 0.5, 9)[:-1].double()).float()
-    negative = -torch.special.ndtri(torch.linspace(offset, 0.5, 8)[:-1].double()).float()
-    values = torch.cat([positive, torch.zeros(1), negative]).sort().values
-    return values / values.max()
-
-
-CODEBOOK = normal_float_codebook()
-
-
-def _decision_boundaries(codebook: torch.Tensor) -> torch.Tensor:
-    """(15,) float32: the largest float32 <= each exact midpoint; counting the boundaries below v
-    picks the nearest entry in exact arithmetic, ties to the lower (an argmin over |v - c|)."""
-    exact = (codebook[:-1].double() + codebook[1:].double()) / 2
-    below = exact.float()
-    return torch.where(below.double() > exact, torch.nextafter(below, torch.tensor(-math.inf)), below)
-
-
-_BOUNDARIES = _decision_boundaries(CODEBOOK)
-
-# Nearest-entry search by table instead of a binary search (bucketize is ~2x slower on CPU): v in
-# [-1, 1] falls in cell c = trunc((v + 1)·128) of width 1/128; every boundary below cell c - 1 is
-# below v, and the window [c - 1, c + 1] holds at most one boundary (they are >= 0.08 apart), so
-# code = CELL_BASE[c] + (v > CELL_NEXT[c]) equals the number of boundaries below v, exactly.
-_CELLS_PER_UNIT = 128
-_cell_starts = (torch.arange(2 * _CELLS_PER_UNIT + 1, dtype=torch.float64) - 1) / _CELLS_PER_UNIT - 1
-_CELL_BASE = (_BOUNDARIES.double()[None, :] < _cell_starts[:, None]).sum(1).to(torch.uint8)
-_CELL_NEXT = torch.cat([_BOUNDARIES, torch.tensor([math.inf])])[_CELL_BASE.long()]
 
 
 @dataclass(frozen=True, eq=False)
@@ -163,62 +125,9 @@ def is_nf4(x: Any) -> bool:
     return isinstance(x, NF4)
 
 
-def pack_codes(codes: torch.Tensor) -> torch.Tensor:
-    """codes (..., 2k) integers in [0, 16) -> (..., k) uint8: element 2i in the high nibble."""
-    return ((codes[..., 0::2] << 4) | codes[..., 1::2]).to(torch.uint8)
-
-
-def unpack_codes(packed: torch.Tensor) -> torch.Tensor:
-    """packed (..., k) uint8 -> (..., 2k) uint8 codes in [0, 16), the inverse of ``pack_codes``."""
-    return torch.stack((packed >> 4, packed & 0xF), dim=-1).flatten(-2)
-
-
-def _blocks(flat: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-    """Blocks [start, stop) of a flat weight as (stop - start, 64) float32, zero-padded at the end."""
-    chunk = flat[start * BLOCK_SIZE: stop * BLOCK_SIZE].float()
-    missing = (stop - start) * BLOCK_SIZE - chunk.numel()
-    return (F.pad(chunk, (0, missing)) if missing else chunk).view(stop - start, BLOCK_SIZE)
-
-
-def _nearest(scaled: torch.Tensor, base: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
-    """scaled (k, 64) float32 in [-1, 1] -> (k, 64) uint8 index of the nearest codebook entry."""
-    cell = scaled.mul(_CELLS_PER_UNIT).add_(_CELLS_PER_UNIT).to(torch.int32).view(-1)
-    code = base.index_select(0, cell)
-    code += scaled.view(-1) > upper.index_select(0, cell)
-    return code.view(scaled.shape)
-
-
-def _encode_values(flat: torch.Tensor, num_blocks: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """flat (N,) -> (packed codes (32·B,) uint8, block absmax (B,) float32), a chunk at a time."""
-    codes = torch.empty(num_blocks * BLOCK_SIZE // 2, dtype=torch.uint8, device=flat.device)
-    absmax = torch.empty(num_blocks, dtype=torch.float32, device=flat.device)
-    base, upper = _CELL_BASE.to(flat.device), _CELL_NEXT.to(flat.device)
-    for start in range(0, num_blocks, _CHUNK_BLOCKS):
-        stop = min(start + _CHUNK_BLOCKS, num_blocks)
-        blocks = _blocks(flat, start, stop)
-        scale = blocks.abs().amax(dim=1)
-        if not torch.isfinite(scale).all():
-            raise TreeError(ERR_NONFINITE.format(name))
-        absmax[start:stop] = scale
-        scaled = blocks / torch.where(scale == 0, torch.ones_like(scale), scale)[:, None]
-        codes[start * BLOCK_SIZE // 2: stop * BLOCK_SIZE // 2] = pack_codes(_nearest(scaled, base, upper)).view(-1)
-    return codes, absmax
-
-
-def double_quantize(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Block absmaxes (B,) float32 -> (scale_codes (256·G,) int8, factors (G,) float32, mean ()).
-
-    torchao's ``double_quantize_scalers``: subtract the mean, then int8 absmax quantization per group
-    of 256 with factor 256 / (2·max|·|). Padding scales are centred to 0; an all-equal group gets
-    factor 1 (its codes are 0) instead of torchao's division by zero.
-    """
-    mean = absmax.mean()
-    groups = -(-absmax.numel() // GROUP_SIZE)
-    centred = F.pad(absmax - mean, (0, groups * GROUP_SIZE - absmax.numel())).view(groups, GROUP_SIZE)
-    spread = centred.abs().amax(dim=1)
-    factors = torch.where(spread > 0, 256 / (2 * spread), torch.ones_like(spread))
-    scale_codes = (centred * factors[:, None]).round().clamp(-128, 127).to(torch.int8)
-    return scale_codes.view(-1), factors, mean
+def is_nf4(x: Any) -> bool:
+    """True for an NF4 leaf."""
+    return isinstance(x, NF4)
 
 
 def _meta_nf4(w: torch.Tensor) -> NF4:
@@ -243,34 +152,9 @@ def quantize_tensor(w: torch.Tensor, *, name: str = "weight") -> NF4:
     if w.is_meta:
         return _meta_nf4(w)
     num_blocks = -(-w.numel() // BLOCK_SIZE)
-    codes, absmax = _encode_values(w.reshape(-1), num_blocks, name)
+    codes, absmax = encode_values(w.reshape(-1), num_blocks, name)
     scale_codes, factors, mean = double_quantize(absmax)
     return NF4(codes, scale_codes, factors, mean, tuple(w.shape), w.dtype)
-
-
-@functools.lru_cache(maxsize=None)
-def _lookup_table(dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, int]:
-    """(table of int64 rows, code bytes per row): each row holds the 8 bytes of the values that
-    ``8 / itemsize`` consecutive codes decode to, so one ``index_select`` decodes several codes."""
-    with torch.inference_mode(False), torch.no_grad():
-        per_row = 8 // dtype.itemsize // 2  # code bytes per 8-byte row: 2 for 16-bit, 1 for 32-bit
-        index = torch.arange(256 ** per_row, dtype=torch.int32)
-        if per_row == 2:  # the two bytes of each uint16 index, in memory order
-            raw = index.to(torch.uint16).view(torch.uint8).view(-1, 2)
-        else:
-            raw = index.to(torch.uint8)[:, None]
-        values = CODEBOOK.to(dtype)[unpack_codes(raw).long()]  # (rows, 2·per_row)
-        return values.contiguous().view(torch.int64).view(-1).to(device), per_row
-
-
-def _lookup(codes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """packed codes (k,) uint8 (k even) -> (2k,) codebook values in ``dtype``."""
-    aligned = codes.is_contiguous() and codes.numel() % 2 == 0 and codes.storage_offset() % 2 == 0
-    if dtype.itemsize in (2, 4) and aligned:
-        table, per_row = _lookup_table(dtype, codes.device)
-        index = codes.view(torch.uint16) if per_row == 2 else codes
-        return table.index_select(0, index.int()).view(dtype)
-    return CODEBOOK.to(dtype=dtype, device=codes.device)[unpack_codes(codes).long()]
 
 
 def block_scales(q: NF4, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -285,15 +169,10 @@ def block_scales(q: NF4, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return scales.to(dtype)
 
 
-def _dequantize_blocks(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """codes (k·32,) uint8 and scales (k,) in ``dtype`` -> (k, 64) values in ``dtype``."""
-    return _lookup(codes, dtype).view(-1, BLOCK_SIZE).mul_(scales[:, None])
-
-
 def dequantize_tensor(q: NF4, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The weight that ``q`` stands for, of shape ``q.shape`` (e.g. (out, in)), in ``dtype`` (default ``q.dtype``)."""
     dtype = dtype or q.dtype
-    values = _dequantize_blocks(q.codes, block_scales(q, dtype), dtype)
+    values = dequantize_blocks(q.codes, block_scales(q, dtype), dtype)
     return values.view(-1)[: q.numel].view(q.shape)
 
 
@@ -305,7 +184,7 @@ def embed(tokens: torch.Tensor, q: NF4) -> torch.Tensor:
     rows, width = tokens.reshape(-1), q.shape[1]
     codes = q.codes.view(q.shape[0], width // 2)[rows]
     scales = block_scales(q, q.dtype).view(q.shape[0], width // BLOCK_SIZE)[rows]
-    values = _dequantize_blocks(codes.view(-1), scales.reshape(-1), q.dtype)
+    values = dequantize_blocks(codes.view(-1), scales.reshape(-1), q.dtype)
     return values.view(*tokens.shape, width)
 
 

@@ -7,13 +7,16 @@
 - ``rope_inv_freq`` / ``rope_cos_sin`` / ``apply_rope``: rotary embeddings in the HF half-split
   layout (``rotate_half``), with default, linear and Llama-3 frequency scaling.
 - ``attention``: scaled_dot_product_attention with grouped-query heads; causal by default, or an
-  explicit boolean mask (True = attend) for packed, padded or cached sequences.
+  explicit boolean mask (True = attend) for packed, padded or cached sequences; with a logit
+  soft-cap (Gemma-2) the scores are formed explicitly, since SDPA has no soft-cap.
 - ``causal_mask`` / ``block_causal_mask`` / ``KVCache``: masks and the explicit decoding state.
 - ``sliding_window_mask`` / ``window_mask``: Mistral's sliding window on top of any other mask.
-- ``swiglu``: Llama's gated MLP; ``activation`` / ``dense_mlp``: the up-act-down MLP of GPT-2 / BERT.
+- ``swiglu`` / ``gated_mlp``: Llama's gated MLP (any activation: Gemma's GELU); ``activation`` /
+  ``dense_mlp``: the up-act-down MLP of GPT-2 / BERT.
 - ``run_layers``: the layer loop with per-block activation checkpointing and the FSDP gather hook.
-- ``chunked_cross_entropy``: the loss over the output projection in chunks of tokens, each chunk
-  recomputed in backward, so a (tokens x vocab) logits tensor never exists whole.
+
+The losses over these layers (chunked cross-entropy, preference and distillation losses) are in
+``purefine.losses``.
 
 Shapes: B batch, T query length, S key length, H heads, K kv heads, Dh head dim, D model dim.
 """
@@ -31,8 +34,6 @@ from torch.utils.checkpoint import checkpoint
 from purefine.errors import ConfigError
 
 IGNORE_INDEX = -100
-# The most logits one cross-entropy chunk holds (elements): 32 MiB in float32, whatever the vocabulary.
-LOGITS_BUDGET = 1 << 23
 
 
 def linear(x: torch.Tensor, w: Any, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -101,7 +102,11 @@ def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.d
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, H, T, Dh) rotated in the half-split layout; cos, sin (B, T, Dh)."""
+    """x (B, H, T, Dh) rotated in the half-split layout; cos, sin (B, T, R) with R <= Dh: only the
+    first R dims rotate (partial rotary, Phi-3's ``partial_rotary_factor``), the rest pass through."""
+    rotary = cos.shape[-1]
+    if rotary < x.shape[-1]:
+        return torch.cat((apply_rope(x[..., :rotary], cos, sin), x[..., rotary:]), dim=-1)
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos[:, None] + rotated * sin[:, None]
@@ -156,21 +161,46 @@ def window_mask(mask: torch.Tensor | None, window: int | None, t: int, *, offset
 
 
 def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.Tensor | None = None, scale: float | None = None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.Tensor | None = None, scale: float | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """q (B, H, T, Dh), k and v (B, K, S, Dh) with H % K == 0 -> (B, H, T, Dh).
 
     ``mask`` None means causal; otherwise a boolean mask broadcastable to (B, H, T, S), True = attend.
+    ``softcap`` caps the scaled scores at ``softcap * tanh(scores / softcap)`` before the mask and
+    the softmax (Gemma-2's ``attn_logit_softcapping``).
     """
+    if softcap is not None:
+        return _softcapped_attention(q, k, v, mask, q.shape[-1] ** -0.5 if scale is None else scale, softcap)
     gqa = q.shape[1] != k.shape[1]
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, scale=scale, enable_gqa=gqa)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
 
+def _softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                          scale: float, softcap: float) -> torch.Tensor:
+    """``attention`` with soft-capped scores, formed explicitly (softmax in float32, as transformers)."""
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = torch.tanh((q @ k.transpose(-1, -2)) * (scale / softcap)) * softcap
+    t, s = q.shape[2], k.shape[2]
+    if mask is None and t > 1:
+        mask = causal_mask(t, s, offset=s - t, device=q.device)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(-1, dtype=torch.float32).to(q.dtype) @ v
+
+
+def gated_mlp(x: torch.Tensor, gate: Any, up: Any, down: Any, act: Any = F.silu) -> torch.Tensor:
+    """x (..., D) -> down(act(gate(x)) * up(x)) (..., D); gate, up (F, D), down (D, F)."""
+    return linear(act(linear(x, gate)) * linear(x, up), down)
+
+
 def swiglu(x: torch.Tensor, gate: Any, up: Any, down: Any) -> torch.Tensor:
     """x (..., D) -> down(silu(gate(x)) * up(x)) (..., D)."""
-    return linear(F.silu(linear(x, gate)) * linear(x, up), down)
+    return gated_mlp(x, gate, up, down, F.silu)
 
 
 ACTIVATIONS: dict[str, Any] = {
@@ -253,97 +283,3 @@ class KVCache:
     def advance(self, t: int) -> KVCache:
         """The same buffers with ``length`` moved on by ``t`` positions (after writing (B, K, t, Dh))."""
         return KVCache(self.keys, self.values, self.length + t)
-
-
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits (N, V), labels (N,) -> (summed loss in float32, number of labels != -100)."""
-    loss = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss, (labels != IGNORE_INDEX).sum()
-
-
-def _chunk_loss(h: torch.Tensor, w: Any, labels: torch.Tensor) -> torch.Tensor:
-    return cross_entropy(linear(h, w), labels)[0]
-
-
-def _linear_cross_entropy(h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, chunk_size: int, need_h: bool,
-                          need_w: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """(summed loss, dL/dh or None, dL/dw (float32) or None), one (chunk x V) logits block at a time."""
-    grad_h = torch.zeros_like(h) if need_h else None
-    grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
-    total = torch.zeros((), dtype=torch.float32, device=h.device)
-    for start in range(0, h.shape[0], chunk_size):
-        hc, lc = h[start : start + chunk_size], labels[start : start + chunk_size]
-        valid = lc != IGNORE_INDEX
-        if not bool(valid.any()):
-            continue
-        logits = F.linear(hc, w).float()
-        lse = torch.logsumexp(logits, dim=-1)
-        target = lc.clamp(min=0)
-        total = total + ((lse - logits.gather(1, target[:, None])[:, 0]) * valid).sum()
-        if need_h or need_w:
-            d = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-            d[torch.arange(d.shape[0], device=d.device), target] -= 1.0
-            d = d.mul_(valid[:, None]).to(h.dtype)
-            if need_h:
-                grad_h[start : start + chunk_size] = d @ w
-            if need_w:
-                grad_w += (d.t() @ hc).float()
-    return total, grad_h, grad_w
-
-
-class _LinearCrossEntropy(torch.autograd.Function):
-    """Summed cross-entropy of ``h @ wᵀ`` whose gradients are formed chunk by chunk in forward.
-
-    The loss is a scalar, so dL/dh and dL/dw are known as soon as each chunk's softmax is: they are
-    accumulated there and only they are saved (N x D, and V x D when w trains), never the logits,
-    and nothing is recomputed in backward (a checkpointed chunk would run the projection twice).
-    """
-
-    @staticmethod
-    def forward(ctx: Any, h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, chunk_size: int) -> torch.Tensor:
-        total, grad_h, grad_w = _linear_cross_entropy(h, w, labels, chunk_size, *ctx.needs_input_grad[:2])
-        ctx.save_for_backward(grad_h, grad_w)
-        ctx.w_dtype = w.dtype
-        return total
-
-    @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
-        grad_h, grad_w = ctx.saved_tensors
-        gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
-        gw = (grad_w * grad_out).to(ctx.w_dtype) if grad_w is not None else None
-        return gh, gw, None, None
-
-
-def chunked_cross_entropy(
-    h: torch.Tensor, w: Any, labels: torch.Tensor, *, chunk_size: int = 1024
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """h (N, D) hidden states, w (V, D) output weight, labels (N,) -> (loss sum, label count).
-
-    The 2-D hidden states are chunked *before* the output projection (slicing a 3-D activation
-    per chunk would copy a frozen bf16 weight each time on CPU). For a plain weight the gradients
-    are formed chunk by chunk in forward (``_LinearCrossEntropy``); for a leaf kind (a LoRA'd
-    lm_head) each chunk is checkpointed and recomputed in backward. Either way at most one
-    (chunk x V) logits block is alive; ``chunk_size`` rows at most, fewer when the vocabulary is
-    large (``LOGITS_BUDGET`` elements per chunk).
-    """
-    if h.dim() != 2:
-        raise ValueError(f"chunked_cross_entropy: expected 2-D hidden states (N, D), got {tuple(h.shape)}")
-    count = (labels != IGNORE_INDEX).sum()
-    chunk_size = min(chunk_size, max(64, LOGITS_BUDGET // max(1, w.shape[0])))
-    if type(w) is torch.Tensor:
-        if torch.is_grad_enabled() and (h.requires_grad or w.requires_grad):
-            return _LinearCrossEntropy.apply(h, w, labels, chunk_size), count
-        return _linear_cross_entropy(h, w, labels, chunk_size, False, False)[0], count
-    n = h.shape[0]
-    if n <= chunk_size:
-        return _chunk_loss(h, w, labels), count
-    total = h.new_zeros((), dtype=torch.float32)
-    for start in range(0, n, chunk_size):
-        sl = slice(start, start + chunk_size)
-        if not (labels[sl] != IGNORE_INDEX).any():
-            continue
-        if torch.is_grad_enabled():
-            total = total + checkpoint(_chunk_loss, h[sl], w, labels[sl], use_reentrant=False)
-        else:
-            total = total + _chunk_loss(h[sl], w, labels[sl])
-    return total, count

@@ -36,6 +36,7 @@ SURFACE: dict[str, tuple[str, ...]] = {
     "purefine.train": (),
     "purefine.tree": (),
     "purefine.ops": (),
+    "purefine.losses": (),
     "purefine.generate": (),
     "purefine.shard": (),
     "purefine.data": (),

@@ -28,7 +28,7 @@ print(json.dumps({"before": before, "peak": status("VmHWM"), "after": status("Vm
 
 @pytest.mark.slow
 def test_loading_1b_bf16_peaks_under_1_3x(tmp_path):
-    cfg = pf.models.family("llama").Config(
+    cfg = pf.models.family("llama").config(
         vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
         num_attention_heads=32, num_key_value_heads=4,
     )

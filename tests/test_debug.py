@@ -145,7 +145,7 @@ def lora_step(cfg: object, mode: str) -> tuple:
     return step, pf.train.init(params, opt, trainable=trainable, copy=False)
 
 
-@pytest.mark.skipif(debug._heap_reader() is None, reason="needs glibc's mallinfo2 for the independent measurement")
+@pytest.mark.skipif(debug.memory._heap_reader() is None, reason="needs glibc's mallinfo2 for the independent measurement")
 @pytest.mark.parametrize("mode,batch", [("lora", (8, 128)), ("full", (2, 32))])
 def test_memory_breakdown_sums_to_the_measured_peak(mode: str, batch: tuple[int, int]) -> None:
     cfg = pf.models.preset("llama-debug")

@@ -290,13 +290,13 @@ def test_command_lines_with_a_bad_flag_are_refused(tmp_path_factory, data):
 
 
 # ------------------------------------------------------------------ HF config.json, every family
-SMALLEST = {mt: min(models.family(mt).PRESETS.values(), key=lambda c: c.num_params) for mt in models.FAMILIES}
+SMALLEST = {mt: min(models.family(mt).presets.values(), key=lambda c: c.num_params) for mt in models.FAMILIES}
 DERIVED = {"bert": {"head", "label_names", "num_labels"}}  # read from architectures / id2label, not the key
 SIZES = {"llama": ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"),
          "gpt2": ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"),
          "bert": ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                   "max_position_embeddings", "type_vocab_size")}
-SIZES["mistral"] = SIZES["qwen2"] = SIZES["llama"]
+SIZES["mistral"] = SIZES["qwen2"] = SIZES["qwen3"] = SIZES["gemma2"] = SIZES["phi3"] = SIZES["llama"]
 
 
 def hf_fields(mt: str) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 
 from purefine.data.hf_tokenizer import HFTokenizer
 from purefine.data.tokenizer import Tokenizer as TokenizerProtocol
-from purefine.data.tokenizer import load_tokenizer
+from purefine.data.loader import load_tokenizer
 from purefine.errors import TokenizerError
 
 CORPUS = [

@@ -121,7 +121,7 @@ def test_presets_have_published_sizes():
 
 def test_bad_configs_are_errors():
     with pytest.raises(ConfigError, match="multiple of num_key_value_heads"):
-        pf.models.family("llama").Config(hidden_size=64, num_attention_heads=4, num_key_value_heads=3)
+        pf.models.family("llama").config(hidden_size=64, num_attention_heads=4, num_key_value_heads=3)
     with pytest.raises(ConfigError, match="unknown name 'llama2-8b'"):
         pf.models.preset("llama2-8b")
     with pytest.raises(ConfigError, match="hidden_act"):

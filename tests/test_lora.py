@@ -81,7 +81,10 @@ def test_output_unchanged_at_init(params, dora):
 @given(rank=st.integers(1, 8), alpha=st.floats(0.5, 64), rslora=st.booleans(), dora=st.booleans(),
        seed=st.integers(0, 2**31), targets=st.sampled_from([["q_proj", "v_proj"], "all-linear", ["down_proj", "lm_head"]]))
 def test_merge_equals_activation_side_forward(params, rank, alpha, rslora, dora, seed, targets):
+    # float64: the two forms round differently in float32, by up to ~1e-5 of the logits at scale 60
+    params = tree.map(lambda x: x.double(), params)
     p = perturbed(lora.apply(params, rank=rank, alpha=alpha, where=targets, rslora=rslora, dora=dora, seed=seed), seed)
+    p = tree.map(lambda x: x.double() if x.is_floating_point() else x, p)
     merged = lora.merge(p)
     assert all(isinstance(x, torch.Tensor) for x in tree.flatten(merged, is_leaf=tree.is_leaf).values())
     with torch.no_grad():

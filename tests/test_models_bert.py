@@ -59,9 +59,9 @@ def test_hidden_states_and_logits_match_transformers_fp32(tmp_path_factory, kw, 
     tokens, types, attn = padded_batch(kw["vocab_size"], kw["type_vocab_size"], seed)
     with torch.no_grad():
         ref = model(tokens, attention_mask=attn, token_type_ids=types, output_hidden_states=True)
-        h, _ = pf.models.hidden_states(cfg, params, tokens, mask=attn.bool(), token_type_ids=types)
-        logits = pf.models.forward(cfg, params, tokens, mask=attn.bool(), token_type_ids=types)
-        unpadded = pf.models.forward(cfg, params, tokens, token_type_ids=types)
+        h, _ = pf.models.hidden_states(cfg, params, tokens, mask=attn.bool(), extra={"token_type_ids": types})
+        logits = pf.models.forward(cfg, params, tokens, mask=attn.bool(), extra={"token_type_ids": types})
+        unpadded = pf.models.forward(cfg, params, tokens, extra={"token_type_ids": types})
         ref_unpadded = model(tokens, token_type_ids=types).logits
     real = attn.bool()
     assert (h - ref.hidden_states[-1])[real].abs().max() < 1e-4

@@ -143,9 +143,9 @@ def test_presets_and_bad_input():
     with pytest.raises(ConfigError, match="past n_positions"):
         pf.models.forward(cfg, params, torch.zeros(1, cfg.n_positions + 1, dtype=torch.long))
     with pytest.raises(ConfigError, match="activation"):
-        pf.models.family("gpt2").Config(activation_function="swish2")
+        pf.models.family("gpt2").config(activation_function="swish2")
     with pytest.raises(ConfigError, match="multiple of n_head"):
-        pf.models.family("gpt2").Config(n_embd=30, n_head=4)
+        pf.models.family("gpt2").config(n_embd=30, n_head=4)
     with pytest.raises(ConfigError, match="add_cross_attention"):
         pf.models.config_from_hf({"model_type": "gpt2", "add_cross_attention": True})
 
@@ -156,10 +156,10 @@ def test_lora_on_conv1d_weights_equals_peft_fan_in_fan_out(tmp_path):
     gpt2 = pf.models.family("gpt2")
     model = make_hf_gpt2(tmp_path)
     cfg, params = pf.checkpoint.load_hf(tmp_path)
-    params = lora.apply(params, rank=4, alpha=8, where=list(gpt2.LINEAR_LAYERS), seed=0)
+    params = lora.apply(params, rank=4, alpha=8, where=list(gpt2.linear_layers), seed=0)
     gen = torch.Generator().manual_seed(1)
     params = pf.tree.map_with_path(lambda p, x: torch.randn(x.shape, generator=gen) * 0.1 if p.endswith("lora_b") else x, params)
-    ref = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(gpt2.LINEAR_LAYERS),
+    ref = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(gpt2.linear_layers),
                                                      fan_in_fan_out=True))
     flat = pf.tree.flatten(params)
     with torch.no_grad():

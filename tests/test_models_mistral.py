@@ -148,6 +148,6 @@ def test_presets_and_bad_configs():
     assert pf.models.preset("mistral-7b").sliding_window == 4096
     assert pf.models.preset("mistral-7b-v0.3").sliding_window is None
     with pytest.raises(ConfigError, match="sliding_window must be null or a positive integer"):
-        pf.models.family("mistral").Config(sliding_window=0)
+        pf.models.family("mistral").config(sliding_window=0)
     with pytest.raises(ConfigError, match="attention_bias"):
-        pf.models.family("mistral").Config(attention_bias=True)
+        pf.models.family("mistral").config(attention_bias=True)

@@ -67,11 +67,11 @@ def test_biases_on_qkv_only_and_tied_head():
 
 
 def test_windowed_layers_follow_max_window_layers():
-    cfg = pf.models.family("qwen2").Config(hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+    cfg = pf.models.family("qwen2").config(hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
                                             intermediate_size=32, num_hidden_layers=4, vocab_size=64,
                                             use_sliding_window=True, sliding_window=3, max_window_layers=2)
     assert [cfg.layer_window(i) for i in range(4)] == [None, None, 3, 3]
-    off = pf.models.family("qwen2").Config(hidden_size=32, num_attention_heads=4, intermediate_size=32, vocab_size=64,
+    off = pf.models.family("qwen2").config(hidden_size=32, num_attention_heads=4, intermediate_size=32, vocab_size=64,
                                             num_hidden_layers=2, use_sliding_window=False, sliding_window=3)
     assert [off.layer_window(i) for i in range(2)] == [None, None]
 
@@ -112,7 +112,7 @@ def test_presets_have_published_sizes_and_bad_configs_fail():
     for name, n in expected.items():
         assert pf.models.preset(name).num_params == n
     assert pf.models.preset("qwen2.5-0.5b").tie_word_embeddings and not pf.models.preset("qwen2.5-7b").tie_word_embeddings
-    Config = pf.models.family("qwen2").Config
+    Config = pf.models.family("qwen2").config
     with pytest.raises(ConfigError, match="layer_types must list 2 entries"):
         Config(hidden_size=32, num_attention_heads=4, num_hidden_layers=2, layer_types=("full_attention",))
     with pytest.raises(ConfigError, match="not switches in this family"):

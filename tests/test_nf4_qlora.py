@@ -145,7 +145,7 @@ print(json.dumps({"growth": status("VmHWM") - before, "bytes": pf.tree.nbytes(pa
 def test_load_hf_with_quantize_never_holds_the_model_in_full_precision(tmp_path):
     """A 4-layer float32 checkpoint (210 MiB, mostly projections): loading it into NF4 grows the
     process by the NF4 params plus a few tensors' worth of transients, far less than the checkpoint."""
-    cfg = pf.models.family("llama").Config(vocab_size=1024, hidden_size=1024, intermediate_size=2816,
+    cfg = pf.models.family("llama").config(vocab_size=1024, hidden_size=1024, intermediate_size=2816,
                                            num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8)
     pf.checkpoint.save_hf(tmp_path, cfg, pf.models.init(cfg, seed=0))
     size = sum(x.numel() * 4 for x in tree.flatten(pf.models.init(cfg, device="meta")).values())

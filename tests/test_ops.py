@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from purefine import ops
+from purefine import losses, ops
 from purefine.errors import ConfigError
 
 
@@ -92,7 +92,7 @@ def test_chunked_cross_entropy_matches_full(n, chunk, masked):
     w = torch.randn(11, 8, requires_grad=True)
     labels = torch.randint(0, 11, (n,))
     labels[torch.rand(n) < masked] = ops.IGNORE_INDEX
-    loss, count = ops.chunked_cross_entropy(h, w, labels, chunk_size=chunk)
+    loss, count = losses.chunked_cross_entropy(h, w, labels, chunk_size=chunk)
     ref = F.cross_entropy(h @ w.T, labels, ignore_index=-100, reduction="sum")
     assert count == (labels != -100).sum()
     torch.testing.assert_close(loss, ref, atol=1e-4, rtol=1e-5)

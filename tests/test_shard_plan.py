@@ -43,7 +43,7 @@ def test_llama_plan_names_the_projections() -> None:
     assert styles["model.layers.1.mlp.down_proj.weight"] == "rowwise"
     assert {p for p, s in styles.items() if s is None} == {
         p for p in styles if "norm" in p or "embed" in p or p.startswith("lm_head")}
-    assert shard.plan_for(SimpleNamespace(model_type="bert")) == shard.GENERIC_PLAN
+    assert shard.plan_for(models.preset("bert-debug")) == shard.GENERIC_PLAN
 
 
 def _lora_leaf(dora: bool = False) -> lora.LoRA:
@@ -124,11 +124,15 @@ def test_stage_ranges_and_owners() -> None:
     with pytest.raises(ConfigError, match="only 2 layers"):
         shard.stage_ranges(2, 3)
     ranges = shard.stage_ranges(2, 2)
-    assert pipeline.owner_stage("model.embed_tokens.weight", ranges) == 0
-    assert pipeline.owner_stage("model.layers.1.mlp.up_proj.weight.lora_a", ranges) == 1
-    assert pipeline.owner_stage("lm_head.weight", ranges) == 1
     cfg = models.preset("llama-debug")
-    stage = pipeline.stage_params(models.init(cfg, seed=0), ranges, 1)
+    assert pipeline.owner_stage(cfg, "model.embed_tokens.weight", ranges) == 0
+    assert pipeline.owner_stage(cfg, "model.layers.1.mlp.up_proj.weight.lora_a", ranges) == 1
+    assert pipeline.owner_stage(cfg, "lm_head.weight", ranges) == 1
+    gpt2 = models.preset("gpt2-debug")
+    assert pipeline.owner_stage(gpt2, "transformer.wpe.weight", ranges) == 0
+    assert pipeline.owner_stage(gpt2, "transformer.h.1.attn.c_attn.weight", ranges) == 1
+    assert pipeline.owner_stage(gpt2, "transformer.ln_f.bias", ranges) == 1
+    stage = pipeline.stage_params(cfg, models.init(cfg, seed=0), ranges, 1)
     assert stage["model"]["embed_tokens"]["weight"] is None and stage["model"]["layers"][0]["mlp"]["up_proj"]["weight"] is None
     assert stage["model"]["layers"][1]["mlp"]["up_proj"]["weight"] is not None and stage["lm_head"]["weight"] is not None
 
@@ -137,6 +141,5 @@ def test_pipeline_refuses_what_it_cannot_split() -> None:
     tied = models.preset("llama3.2-1b")
     with pytest.raises(ConfigError, match="untied embeddings"):
         pipeline.check_model(tied, {"pp": 2})
-    with pytest.raises(ConfigError, match="supports llama"):
-        pipeline.check_model(models.preset("gpt2") if "gpt2" in models.presets() else SimpleNamespace(model_type="gpt2"),
-                             {"pp": 2})
+    with pytest.raises(ConfigError, match="causal language models"):
+        pipeline.check_model(models.preset("bert-debug"), {"pp": 2})

@@ -13,9 +13,10 @@
 
 Only safetensors is read; pickled ``.bin`` checkpoints are refused.
 
-A family module may define three optional hooks for checkpoints whose files differ from its params:
-``checkpoint_name(cfg, file_name) -> params name | None`` (renames; None skips a tensor),
-``from_hf_tensor(name, t)`` and ``to_hf_tensor(name, t)`` (layout, e.g. GPT-2's transposed Conv1D).
+Where a family's files differ from its params, its ``Family`` record says how:
+``checkpoint_name(cfg, file_name) -> params name | None`` (renames; None skips a tensor) and
+``hf_transposed`` (a regex of weights the files store as (in, out): GPT-2's Conv1D), which
+``models.hf_layout`` transposes on the way in and out.
 """
 
 from __future__ import annotations
@@ -138,7 +139,7 @@ def tensor_index(path: str | os.PathLike) -> dict[str, Path]:
 def _check_names(path: Path, cfg: Any, index: Mapping[str, Path]) -> dict[str, tuple[int, ...]]:
     expected = models.param_shapes(cfg)
     found = {n for n in index if not IGNORED.fullmatch(n)}
-    if getattr(cfg, "tie_word_embeddings", False):
+    if cfg.tie_word_embeddings:
         found.discard("lm_head.weight")  # some exporters write the tied copy too
     missing = [n for n in expected if n not in found]
     unexpected = sorted(found - set(expected))
@@ -159,10 +160,8 @@ def _group_by_file(names: list[str], index: Mapping[str, Path]) -> Iterator[tupl
 
 
 def _file_names(cfg: Any, index: Mapping[str, Path]) -> dict[str, str]:
-    """{params name: name in the checkpoint file}, through the family's optional ``checkpoint_name``."""
-    rename = getattr(models.family(cfg), "checkpoint_name", None)
-    if rename is None:
-        return {n: n for n in index}
+    """{params name: name in the checkpoint file}, through the family's ``checkpoint_name``."""
+    rename = models.family(cfg).checkpoint_name
     names = {}
     for n in index:
         new = rename(cfg, n)
@@ -171,12 +170,6 @@ def _file_names(cfg: Any, index: Mapping[str, Path]) -> dict[str, str]:
         if new is not None:
             names[new] = n
     return names
-
-
-def _layout(cfg: Any, hook_name: str, name: str, t: torch.Tensor) -> torch.Tensor:
-    """A tensor through the family's optional ``from_hf_tensor`` / ``to_hf_tensor`` hook."""
-    hook = getattr(models.family(cfg), hook_name, None)
-    return t if hook is None else hook(name, t)
 
 
 def load_hf(
@@ -206,7 +199,7 @@ def load_hf(
     flat: dict[str, Any] = {}
     for file, names in _group_by_file(list(expected), index):
         for name in names:
-            want = tuple(_layout(cfg, "to_hf_tensor", name, torch.empty(expected[name], device="meta")).shape)
+            want = tuple(models.hf_layout(cfg, name, torch.empty(expected[name], device="meta")).shape)
             if file.shape(source[name]) != want:
                 raise CheckpointError(f"{file.path}: tensor {source[name]!r} has shape {list(file.shape(source[name]))}, "
                                       f"config.json implies {list(want)}")
@@ -214,7 +207,7 @@ def load_hf(
             if reader is not None:
                 flat[name] = reader(name, file, source[name])
                 continue
-            t = _layout(cfg, "from_hf_tensor", name, file.read(source[name]))
+            t = models.hf_layout(cfg, name, file.read(source[name]))
             if dtype is not None and t.is_floating_point():
                 t = t.to(dtype)
             t = t.to(device)
@@ -263,7 +256,7 @@ def save_hf(
             for i in shard:
                 name, leaf = items[i]
                 t = leaf.dense(dtype) if tree.is_kind(leaf) else (leaf if dtype is None else leaf.to(dtype))
-                tensors[name] = _layout(cfg, "to_hf_tensor", name, t.detach().to("cpu")).contiguous()
+                tensors[name] = models.hf_layout(cfg, name, t.detach().to("cpu")).contiguous()
                 weight_map[name] = file
             save_file(tensors, tmp / file, metadata={"format": "pt"})
             del tensors

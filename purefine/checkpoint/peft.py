@@ -18,7 +18,7 @@ shape and config field and names the file: PEFT features purefine does not imple
 biases, embedding adapters, ...) are refused. A ``<module>.base_layer.weight`` entry (PEFT saves
 the base of a targeted lm_head) replaces that base.
 
-Families: a model family may define ``peft_config(cfg) -> dict`` of adapter_config fields that
+Families: a family's record declares ``peft_fields(cfg) -> dict``, the adapter_config fields that
 differ for it. GPT-2 sets ``fan_in_fan_out: true`` (its Conv1D weights are (in, out) in HF files;
 PEFT's A (r, in) and B (out, r) are the same either way, so only the flag differs). A BERT
 classifier sets ``task_type: SEQ_CLS`` and ``modules_to_save`` (the head, trained in full next to
@@ -101,9 +101,8 @@ def target_modules(cfg: Any, modules: list[str]) -> list[str] | str:
 
 
 def family_fields(cfg: Any) -> dict:
-    """The adapter_config fields the config's family sets (its ``peft_config(cfg)``, else none)."""
-    hook = getattr(models.family(cfg), "peft_config", None)
-    return dict(hook(cfg)) if hook is not None else {}
+    """The adapter_config fields the config's family sets (``Family.peft_fields``)."""
+    return dict(models.family(cfg).peft_fields(cfg))
 
 
 def adapter_config(cfg: Any, leaves: dict[str, lora.LoRA], base_model: str | None) -> dict:
@@ -258,8 +257,8 @@ def _read_tensors(file: SafetensorsFile, config: dict) -> tuple[dict[str, dict[s
 
 def _conv1d(module: str) -> bool:
     """True when ``module`` holds a weight some family stores transposed in HF files (GPT-2's Conv1D)."""
-    patterns = (getattr(models.family(t), "CONV1D", None) for t in models.FAMILIES)
-    return any(p is not None and p.fullmatch(module + ".weight") for p in patterns)
+    patterns = (fam.hf_transposed for fam in models.FAMILIES.values())
+    return any(p is not None and re.fullmatch(p, module + ".weight") for p in patterns)
 
 
 def _check_fan_in_fan_out(file: SafetensorsFile, config: dict, found: dict[str, dict]) -> None:

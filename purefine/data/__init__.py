@@ -28,7 +28,8 @@ from purefine.data.sampler import SamplerState, epoch_order, plan_rows
 from purefine.data.sources import (
     ASSETS_DIR, BUILTIN_DEMO, DEMO_DIR, DEMO_EVAL, DEMO_TOKENIZER, DEMO_TRAIN, load_split,
 )
-from purefine.data.tokenizer import SentencePieceTokenizer, Tokenizer, load_tokenizer
+from purefine.data.loader import load_tokenizer
+from purefine.data.tokenizer import SentencePieceTokenizer, Tokenizer
 
 __all__ = [
     "ASSETS_DIR", "BUILTIN_DEMO", "DEMO_DIR", "DEMO_EVAL", "DEMO_TOKENIZER", "DEMO_TRAIN", "FORMATS", "IGNORE_INDEX",

@@ -17,7 +17,7 @@ import datasets
 from purefine.data.pipeline import DataConfig, batches, tokenize
 from purefine.data.sampler import SamplerState
 from purefine.data.sources import BUILTIN_DEMO, DEMO_TOKENIZER, load_split
-from purefine.data.tokenizer import load_tokenizer
+from purefine.data.loader import load_tokenizer
 
 
 @contextlib.contextmanager

@@ -1,19 +1,16 @@
-"""Tokenizers: one small protocol, the SentencePiece tokenizer of Llama-2, and a loader that dispatches.
+"""Tokenizers: one small protocol and the SentencePiece tokenizer of Llama-2 (the loader that
+dispatches between it and ``hf_tokenizer`` is ``data.loader``).
 
 - ``Tokenizer``: what the data pipeline, generation and evaluation rely on — ``vocab_size``,
   ``bos_id`` / ``eos_id`` (None when the tokenizer has none), ``pad_id``, ``encode``, ``decode``,
   ``token_to_id`` (for special tokens) and ``special_tokens`` ({token string: id}).
 - ``SentencePieceTokenizer``: a ``tokenizer.model`` file (Llama-2, Mistral, the bundled demo).
   ``encode`` follows SentencePiece exactly: each call adds the word-boundary prefix ``▁``.
-- ``load_tokenizer(path_or_dir, model_vocab_size=...)``: a ``.model`` file or a directory holding
-  ``tokenizer.model`` -> SentencePiece; a ``tokenizer.json`` -> ``purefine.data.hf_tokenizer.HFTokenizer``
-  (Llama-3, GPT-2, BERT). A vocabulary larger than the model's embedding is a ``TokenizerError``:
-  its ids would index past the embedding table.
+- ``with_bos_eos`` / ``checked_ids``: what every tokenizer kind shares.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -22,10 +19,6 @@ from typing import Any, Protocol, runtime_checkable
 import sentencepiece as spm
 
 from purefine.errors import TokenizerError
-
-SENTENCEPIECE_NAME = "tokenizer.model"
-HF_TOKENIZER_NAME = "tokenizer.json"
-
 
 @runtime_checkable
 class Tokenizer(Protocol):
@@ -129,44 +122,3 @@ class SentencePieceTokenizer:
 
     def __repr__(self) -> str:
         return f"SentencePieceTokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"
-
-
-def _hf_tokenizer(path: Path) -> Tokenizer:
-    try:
-        module = importlib.import_module("purefine.data.hf_tokenizer")
-    except ModuleNotFoundError as e:
-        if e.name != "purefine.data.hf_tokenizer":
-            raise
-        raise TokenizerError(
-            f"{path}: a Hugging Face tokenizer.json needs purefine.data.hf_tokenizer, which this "
-            "install lacks; pass a directory or file with a SentencePiece tokenizer.model instead") from None
-    return module.HFTokenizer(path)
-
-
-def _resolve(path: Path) -> tuple[str, Path]:
-    """(kind, file) for a tokenizer path: a .model file, a tokenizer.json, or a directory holding one."""
-    if path.is_dir():
-        for name, kind in ((SENTENCEPIECE_NAME, "sentencepiece"), (HF_TOKENIZER_NAME, "hf")):
-            if (path / name).is_file():
-                return kind, path / name
-        raise TokenizerError(f"{path}: no {SENTENCEPIECE_NAME} or {HF_TOKENIZER_NAME} in this directory")
-    if not path.exists():
-        raise TokenizerError(f"{path}: tokenizer file or directory not found")
-    return ("hf" if path.suffix == ".json" else "sentencepiece"), path
-
-
-def load_tokenizer(path_or_dir: str | os.PathLike, *, model_vocab_size: int | None = None) -> Tokenizer:
-    """Load the tokenizer at ``path_or_dir`` (a file, or an HF model directory).
-
-    A directory with both files (Llama-2 checkpoints ship both) uses ``tokenizer.model``. With
-    ``model_vocab_size``, a tokenizer that can emit ids >= the model's vocabulary is an error; a
-    smaller tokenizer is fine (models often pad their embedding table).
-    """
-    kind, file = _resolve(Path(path_or_dir))
-    tok: Tokenizer = SentencePieceTokenizer(file) if kind == "sentencepiece" else _hf_tokenizer(file)
-    if model_vocab_size is not None and tok.vocab_size > model_vocab_size:
-        raise TokenizerError(
-            f"{file}: tokenizer vocabulary has {tok.vocab_size} tokens but the model's vocab_size is "
-            f"{model_vocab_size}; ids >= {model_vocab_size} would index past the embedding. "
-            "Use the tokenizer that belongs to the model")
-    return tok

@@ -1,4 +1,4 @@
-"""Models as pure functions over parameter trees, dispatched on the config's family.
+"""Models as pure functions over parameter trees: every family runs the one decoder of ``decoder.py``.
 
     cfg = preset("llama-tiny")
     params = init(cfg, seed=0)
@@ -7,24 +7,29 @@
 
 Labels are already shifted: ``labels[b, t]`` is the target for the prediction at position t
 (-100 where no loss is taken), so packing and masking never need to know about shifting.
+``family(cfg)`` is the config's declared ``Family`` record (``family.py``); the functions here look
+it up and hand it to the decoder.
 """
 
 from __future__ import annotations
 
 import re
-
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 
 from purefine import ops
 from purefine.errors import ConfigError
+from purefine.models import decoder
+from purefine.models.decoder import batch_mask
+from purefine.models.family import Context, Family, ModelConfig
 from purefine.models.registry import FAMILIES, config_from_hf, family, preset, presets
 
 __all__ = [
-    "FAMILIES", "config_from_hf", "family", "preset", "presets", "param_shapes", "init", "forward",
-    "hidden_states", "output_weight", "new_cache", "loss_fn", "batch_mask", "lora_targets",
+    "FAMILIES", "Context", "Family", "ModelConfig", "config_from_hf", "family", "preset", "presets",
+    "param_shapes", "init", "forward", "hidden_states", "logits", "output_weight", "new_cache", "loss_fn",
+    "batch_mask", "lora_targets", "quantize_pattern", "hf_layout",
 ]
 
 # Family-relative LoRA target names (``lora_targets``): the family's peft default, every linear layer.
@@ -32,23 +37,28 @@ DEFAULT_TARGETS, ALL_LINEAR = "default", "all-linear"
 
 
 def param_shapes(cfg: Any) -> dict[str, tuple[int, ...]]:
-    """{HF tensor name: shape} of the family's params."""
-    return family(cfg).param_shapes(cfg)
+    """{HF tensor name: shape} of the config's params."""
+    return cfg.param_shapes()
 
 
 def init(cfg: Any, **kwargs: Any) -> dict:
-    """A seeded params tree (see the family's ``init``: seed, dtype, device, hook)."""
-    return family(cfg).init(cfg, **kwargs)
+    """A seeded params tree (``decoder.init``: seed, dtype, device, hook)."""
+    return decoder.init(family(cfg), cfg, **kwargs)
 
 
 def forward(cfg: Any, params: dict, tokens: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-    """tokens (B, T) -> logits (B, T, V); ``positions`` (B, T) and ``mask`` as keywords."""
-    return family(cfg).forward(cfg, params, tokens, **kwargs)
+    """tokens (B, T) -> logits (B, T, V); ``positions`` (B, T), ``mask``, ``gather`` and ``extra`` as keywords."""
+    return decoder.forward(family(cfg), cfg, params, tokens, **kwargs)
 
 
 def hidden_states(cfg: Any, params: dict, tokens: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, Any]:
     """tokens (B, T) -> (final hidden states (B, T, D), advanced KV cache or None)."""
-    return family(cfg).hidden_states(cfg, params, tokens, **kwargs)
+    return decoder.hidden_states(family(cfg), cfg, params, tokens, **kwargs)
+
+
+def logits(cfg: Any, params: dict, h: torch.Tensor, gather: Callable[[Any], Any] | None = None) -> torch.Tensor:
+    """Final hidden states (..., D) -> logits (..., V) (soft-capped where the family says so)."""
+    return decoder.head(family(cfg), cfg, params, h, gather)
 
 
 def output_weight(cfg: Any, params: dict) -> Any:
@@ -57,72 +67,56 @@ def output_weight(cfg: Any, params: dict) -> Any:
 
 
 def new_cache(cfg: Any, batch: int, max_len: int, **kwargs: Any) -> ops.KVCache:
-    """An empty KV cache for decoding."""
-    return family(cfg).new_cache(cfg, batch, max_len, **kwargs)
-
-
-def batch_mask(batch: dict) -> torch.Tensor | None:
-    """The attention mask a batch asks for: its ``mask``, or block-causal (B, 1, T, T) bool from
-    ``segment_ids`` (B, T); None (plain causal) when it has neither."""
-    if batch.get("mask") is not None:
-        return batch["mask"]
-    if batch.get("segment_ids") is not None:
-        return ops.block_causal_mask(batch["segment_ids"])
-    return None
+    """An empty KV cache for decoding (``dtype``, ``device`` as keywords)."""
+    return decoder.new_cache(family(cfg), cfg, batch, max_len, **kwargs)
 
 
 def loss_fn(cfg: Any, *, chunk_size: int = 1024, remat: bool = False,
-            gather: Callable[[Any], Any] | None = None) -> Callable[[dict, dict], tuple[torch.Tensor, torch.Tensor]]:
+            gather: Callable[[Any], Any] | None = None) -> Callable[[dict, Mapping], tuple[torch.Tensor, torch.Tensor]]:
     """(params, batch) -> (summed next-token cross-entropy (float32), number of labelled tokens).
 
     batch: ``tokens`` (B, T), ``labels`` (B, T) already shifted, optional ``positions`` (B, T) and
     ``segment_ids`` (B, T) (packed samples) or ``mask``. The loss is chunked over tokens so the
     (B*T, V) logits never exist whole; ``remat`` checkpoints each block; ``gather`` (FSDP) maps each
-    block's params just before use.
+    block's params just before use. An encoder's head (BERT) has its own loss (``Family.loss``).
     """
-    fam = family(cfg)
-    if hasattr(fam, "loss_fn"):
-        return fam.loss_fn(cfg, chunk_size=chunk_size, remat=remat, gather=gather)
-
-    def loss(params: dict, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        h, _ = fam.hidden_states(cfg, params, batch["tokens"], positions=batch.get("positions"),
-                                 mask=batch_mask(batch), remat=remat, gather=gather)
-        w = fam.output_weight(cfg, params)
-        w = gather(w) if gather is not None else w
-        labels = batch["labels"].reshape(-1)
-        return ops.chunked_cross_entropy(h.reshape(-1, h.shape[-1]), w, labels, chunk_size=chunk_size)
-
-    return loss
+    return decoder.loss_fn(family(cfg), cfg, chunk_size=chunk_size, remat=remat, gather=gather)
 
 
 def lora_targets(cfg: Any, targets: str | Sequence[str] = DEFAULT_TARGETS) -> str | list[str]:
     """The ``where`` of ``lora.apply`` for ``targets`` over this config's family.
 
-    ``"default"`` -> the family's ``LORA_TARGETS`` (peft's default: q_proj, v_proj for Llama /
-    Mistral / Qwen2, c_attn for GPT-2, query, value for BERT); ``"all-linear"`` -> the family's
-    ``LINEAR_LAYERS``; a list of names is kept (``"default"`` / ``"all-linear"`` inside it expand
-    in place); any other single string is a regex over weight paths, kept as is.
+    ``"default"`` -> the family's ``lora_targets`` (peft's default: q_proj, v_proj for Llama /
+    Mistral / Qwen / Gemma-2, qkv_proj for Phi-3, c_attn for GPT-2, query, value for BERT);
+    ``"all-linear"`` -> the family's ``linear_layers``; a list of names is kept (``"default"`` /
+    ``"all-linear"`` inside it expand in place); any other single string is a regex over weight
+    paths, kept as is.
     """
     fam = family(cfg)
-    expand = {DEFAULT_TARGETS: getattr(fam, "LORA_TARGETS", None), ALL_LINEAR: getattr(fam, "LINEAR_LAYERS", None)}
+    expand = {DEFAULT_TARGETS: fam.lora_targets, ALL_LINEAR: fam.linear_layers}
     names = [targets] if isinstance(targets, str) else list(targets)
     if len(names) == 1 and names[0] not in expand and not names[0].isidentifier():
         return names[0]  # a regex
-    if len(names) == 1 and names[0] == ALL_LINEAR and expand[ALL_LINEAR] is None:
-        return ALL_LINEAR  # lora.apply's own rule: every 2-D weight but embeddings and lm_head
     out: dict[str, None] = {}
     for name in names:
-        if name in expand and expand[name] is None:
-            raise ConfigError(f"lora targets: {name!r}: the {cfg.model_type} family names no LoRA targets; "
-                              "give module names or a regex")
-        out.update(dict.fromkeys(expand[name] if name in expand else (name,)))
+        out.update(dict.fromkeys(expand.get(name, (name,))))
+    if not out:
+        raise ConfigError(f"lora targets: the {cfg.model_type} family names no LoRA targets; give module names or a regex")
     return list(out)
+
+
+def hf_layout(cfg: Any, name: str, t: torch.Tensor) -> torch.Tensor:
+    """A tensor between purefine's (out, in) layout and the HF file's: transposed where the family
+    stores the weight as (in, out) (``Family.hf_transposed``: GPT-2's Conv1D), else unchanged. Its
+    own inverse; works on meta tensors (shapes)."""
+    pattern = family(cfg).hf_transposed
+    return t.t().contiguous() if pattern is not None and re.fullmatch(pattern, name) else t
 
 
 def quantize_pattern(cfg: Any) -> str:
     """The regex of the weights QLoRA stores in NF4: every linear layer of the blocks (the family's
-    ``LINEAR_LAYERS``), never embeddings or the output head."""
-    names = getattr(family(cfg), "LINEAR_LAYERS", None)
+    ``linear_layers``), never embeddings or the output head."""
+    names = family(cfg).linear_layers
     if not names:
         raise ConfigError(f"qlora: the {cfg.model_type} family names no linear layers to quantize")
     return r".*\.(?:" + "|".join(re.escape(n) for n in names) + r")\.weight"

@@ -4,11 +4,12 @@
   (``BertForSequenceClassification``) or ``"mlm"`` (``BertForMaskedLM``), read from
   ``architectures`` in config.json.
 - ``PRESETS``: bert-base-uncased, bert-large-uncased (masked-LM, as published), bert-debug (tests).
-- ``hidden_states``: bidirectional post-norm encoder; ``token_type_ids`` and absolute learned
-  positions. ``forward`` gives class logits (B, C) or masked-LM logits (B, T, V).
-- ``loss_fn``: classification (labels (B,)) or masked-LM (labels (B, T), -100 = unmasked).
+- ``embed`` / ``block``: a bidirectional post-norm encoder run by the shared decoder loop
+  (``Family.causal`` False); ``token_type_ids`` come in the forward's ``extra`` inputs.
+- ``head``: class logits (B, C) or masked-LM logits (B, T, V); ``loss``: classification (labels
+  (B,)) or masked-LM (labels (B, T), -100 = unmasked).
 - ``with_head``: swap heads (a pretrained masked-LM checkpoint -> a fresh classifier).
-- ``peft_config``: the adapter fields ``save_peft`` writes (``SEQ_CLS``, the head in ``modules_to_save``).
+- ``peft_fields``: the adapter fields ``save_peft`` writes (``SEQ_CLS``, the head in ``modules_to_save``).
 - ``checkpoint_name``: reads legacy names (``LayerNorm.gamma``/``beta``, no ``bert.`` prefix) and
   skips what a head does not use (next-sentence head, the pooler for masked-LM, tied copies).
 
@@ -36,24 +37,22 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from purefine import ops
+from purefine import losses, ops, tree
 from purefine.errors import ConfigError, DataError
-from purefine.models import llama
+from purefine.models import decoder
+from purefine.models.family import Context, Family, Gather, ModelConfig
 
 HEADS = {"classify": "BertForSequenceClassification", "mlm": "BertForMaskedLM"}
 ARCHITECTURE_HEADS = {**{v: k for k, v in HEADS.items()}, "BertForPreTraining": "mlm"}
 PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
 ENCODER_PREFIXES = ("embeddings.", "encoder.", "pooler.")
-# LoRA targets: peft's default for BERT, and every linear layer of the encoder (``all-linear``).
-LORA_TARGETS = ("query", "value")
-LINEAR_LAYERS = ("query", "key", "value", "dense")
 # The classification head, trained in full alongside LoRA adapters (peft's ``modules_to_save``).
 HEAD_PATTERN = r"(classifier|bert\.pooler\.dense)\.(weight|bias)"
 HEAD_MODULES = ("classifier", "bert.pooler.dense")
 
 
 @dataclass(frozen=True)
-class BertConfig:
+class BertConfig(ModelConfig):
     """A BERT architecture; field names are those of Hugging Face's ``BertConfig``."""
 
     vocab_size: int = 30522
@@ -114,9 +113,27 @@ class BertConfig:
         return "regression" if self.num_labels == 1 else "single_label_classification"
 
     @property
-    def num_params(self) -> int:
-        """Parameter count, from shapes alone."""
-        return sum(torch.Size(s).numel() for s in param_shapes(self).values())
+    def num_key_value_heads(self) -> int:
+        return self.num_attention_heads
+
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        """{HF tensor name: shape} of the encoder and the config's head, in the order ``init`` creates them."""
+        d, f = self.hidden_size, self.intermediate_size
+        e = "bert.embeddings."
+        shapes = {e + "word_embeddings.weight": (self.vocab_size, d),
+                  e + "position_embeddings.weight": (self.max_position_embeddings, d),
+                  e + "token_type_embeddings.weight": (self.type_vocab_size, d), **_norm_shapes(e + "LayerNorm", d)}
+        for i in range(self.num_hidden_layers):
+            p = f"bert.encoder.layer.{i}."
+            for name in ("query", "key", "value"):
+                shapes.update(_linear_shapes(p + "attention.self." + name, d, d))
+            shapes.update(_linear_shapes(p + "attention.output.dense", d, d))
+            shapes.update(_norm_shapes(p + "attention.output.LayerNorm", d))
+            shapes.update(_linear_shapes(p + "intermediate.dense", f, d))
+            shapes.update(_linear_shapes(p + "output.dense", d, f))
+            shapes.update(_norm_shapes(p + "output.LayerNorm", d))
+        shapes.update(head_shapes(self))
+        return shapes
 
     @classmethod
     def from_hf(cls, d: dict, source: str = "config.json") -> BertConfig:
@@ -171,25 +188,6 @@ def _norm_shapes(prefix: str, d: int) -> dict[str, tuple[int, ...]]:
     return {prefix + ".weight": (d,), prefix + ".bias": (d,)}
 
 
-def param_shapes(cfg: BertConfig) -> dict[str, tuple[int, ...]]:
-    """{HF tensor name: shape} of the encoder and the config's head, in the order ``init`` creates them."""
-    d, f = cfg.hidden_size, cfg.intermediate_size
-    e = "bert.embeddings."
-    shapes = {e + "word_embeddings.weight": (cfg.vocab_size, d), e + "position_embeddings.weight": (cfg.max_position_embeddings, d),
-              e + "token_type_embeddings.weight": (cfg.type_vocab_size, d), **_norm_shapes(e + "LayerNorm", d)}
-    for i in range(cfg.num_hidden_layers):
-        p = f"bert.encoder.layer.{i}."
-        for name in ("query", "key", "value"):
-            shapes.update(_linear_shapes(p + "attention.self." + name, d, d))
-        shapes.update(_linear_shapes(p + "attention.output.dense", d, d))
-        shapes.update(_norm_shapes(p + "attention.output.LayerNorm", d))
-        shapes.update(_linear_shapes(p + "intermediate.dense", f, d))
-        shapes.update(_linear_shapes(p + "output.dense", d, f))
-        shapes.update(_norm_shapes(p + "output.LayerNorm", d))
-    shapes.update(head_shapes(cfg))
-    return shapes
-
-
 def head_shapes(cfg: BertConfig) -> dict[str, tuple[int, ...]]:
     """{HF tensor name: shape} of the head alone (pooler + classifier, or the masked-LM transform)."""
     d = cfg.hidden_size
@@ -199,26 +197,17 @@ def head_shapes(cfg: BertConfig) -> dict[str, tuple[int, ...]]:
             **_norm_shapes("cls.predictions.transform.LayerNorm", d), "cls.predictions.bias": (cfg.vocab_size,)}
 
 
-def _init_flat(cfg: BertConfig, shapes: dict, seed: int, dtype: torch.dtype, device: Any, hook: Any) -> dict:
-    gen = torch.Generator().manual_seed(seed)
-    flat = {}
-    for name, shape in shapes.items():
-        if "LayerNorm.weight" in name and str(device) != "meta":
-            t = torch.ones(shape, dtype=dtype, device=device)
-        else:  # N(0, std) matrices and embeddings, zero biases, empty on meta
-            t = llama.init_tensor(name, shape, cfg.initializer_range, gen, dtype, device)
-        if name.endswith("word_embeddings.weight") and cfg.pad_token_id is not None and str(device) != "meta":
-            t[cfg.pad_token_id] = 0  # as nn.Embedding(padding_idx=...) in transformers' init
-        flat[name] = hook(name, t) if hook is not None else t
-    return flat
-
-
-def init(cfg: BertConfig, *, seed: int = 0, dtype: torch.dtype = torch.float32, device: Any = "cpu",
-         hook: Callable[[str, torch.Tensor], Any] | None = None) -> dict:
-    """A seeded params tree (HF's init: N(0, initializer_range), LayerNorm one/zero, biases zero)."""
-    from purefine import tree
-
-    return tree.unflatten(_init_flat(cfg, param_shapes(cfg), seed, dtype, device, hook))
+def init_tensor(cfg: BertConfig, name: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+    """HF's init: N(0, initializer_range) matrices and embeddings (the padding row zero), LayerNorm
+    weights one, biases zero."""
+    if "LayerNorm.weight" in name:
+        return torch.ones(shape)
+    if name.endswith("bias"):
+        return torch.zeros(shape)
+    t = torch.empty(shape).normal_(0.0, cfg.initializer_range, generator=gen)
+    if name.endswith("word_embeddings.weight") and cfg.pad_token_id is not None:
+        t[cfg.pad_token_id] = 0  # as nn.Embedding(padding_idx=...) in transformers' init
+    return t
 
 
 def with_head(cfg: BertConfig, params: dict, head: str, *, num_labels: int = 2, seed: int = 0,
@@ -226,14 +215,12 @@ def with_head(cfg: BertConfig, params: dict, head: str, *, num_labels: int = 2, 
     """(config, params) with ``head`` in place of the current one: the encoder is kept, the old
     head's tensors dropped and the new head's initialized (seeded) in the encoder's dtype.
     E.g. ``with_head(*load_hf("bert-base-uncased"), "classify", num_labels=3)``."""
-    from purefine import tree
-
     new = dataclasses.replace(cfg, head=head, num_labels=num_labels, label_names=label_names)
     flat = {n: t for n, t in tree.flatten(params, is_leaf=tree.is_leaf).items() if n not in head_shapes(cfg)}
-    dtype = flat["bert.embeddings.word_embeddings.weight"].dtype
-    device = flat["bert.embeddings.word_embeddings.weight"].device
-    flat.update(_init_flat(new, head_shapes(new), seed, dtype, device, None))
-    return new, tree.unflatten({n: flat[n] for n in param_shapes(new)})
+    word = flat["bert.embeddings.word_embeddings.weight"]
+    gen = torch.Generator().manual_seed(seed)
+    flat.update({n: init_tensor(new, n, s, gen).to(word.dtype).to(word.device) for n, s in head_shapes(new).items()})
+    return new, tree.unflatten({n: flat[n] for n in new.param_shapes()})
 
 
 def checkpoint_name(cfg: BertConfig, name: str) -> str | None:
@@ -247,24 +234,24 @@ def checkpoint_name(cfg: BertConfig, name: str) -> str | None:
     return None if skip else name
 
 
-def encoder_mask(mask: torch.Tensor | None, s: int, device: torch.device) -> torch.Tensor:
-    """A mask argument -> a bool mask for ``ops.attention``: None = every key; (B, S) key padding
-    (True = real token); (B, T, S) / (B, 1, T, S) used as given."""
-    if mask is None:
-        return torch.ones(1, 1, 1, s, dtype=torch.bool, device=device)
-    mask = mask.bool()
-    if mask.dim() == 2:
-        return mask[:, None, None, :]
-    return mask[:, None] if mask.dim() == 3 else mask
+def embed(cfg: BertConfig, params: dict, tokens: torch.Tensor, ctx: Context, g: Gather, extra: dict) -> torch.Tensor:
+    """tokens (B, T) -> LayerNorm(word + token type + position rows) (B, T, D); ``extra`` may hold
+    ``token_type_ids`` (B, T) (default 0)."""
+    emb = g(params["bert"]["embeddings"])
+    types = extra.get("token_type_ids")
+    types = torch.zeros_like(tokens) if types is None else types
+    x = (ops.embedding(tokens, emb["word_embeddings"]["weight"]) + ops.embedding(types, emb["token_type_embeddings"]["weight"])
+         + ops.embedding(ctx.positions, emb["position_embeddings"]["weight"]))
+    return ops.layer_norm(x, emb["LayerNorm"]["weight"], emb["LayerNorm"]["bias"], cfg.layer_norm_eps)
 
 
-def layer(cfg: BertConfig, p: dict, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """One post-norm block: LN(x + attn(x)), then LN(. + mlp(.)). x (B, T, D) -> (B, T, D)."""
+def block(cfg: BertConfig, p: dict, x: torch.Tensor, ctx: Context, i: int) -> torch.Tensor:
+    """One post-norm layer: LN(x + attn(x)), then LN(. + mlp(.)). x (B, T, D) -> (B, T, D)."""
     b, t, _ = x.shape
     a = p["attention"]
     q, k, v = (ops.linear(x, a["self"][n]["weight"], a["self"][n]["bias"]).view(b, t, -1, cfg.head_dim).transpose(1, 2)
                for n in ("query", "key", "value"))
-    o = ops.attention(q, k, v, mask=mask).transpose(1, 2).reshape(b, t, -1)
+    o = ops.attention(q, k, v, mask=ctx.masks[i]).transpose(1, 2).reshape(b, t, -1)
     out = a["output"]
     x = ops.layer_norm(x + ops.linear(o, out["dense"]["weight"], out["dense"]["bias"]),
                        out["LayerNorm"]["weight"], out["LayerNorm"]["bias"], cfg.layer_norm_eps)
@@ -274,30 +261,9 @@ def layer(cfg: BertConfig, p: dict, x: torch.Tensor, mask: torch.Tensor) -> torc
     return ops.layer_norm(x + h, norm["weight"], norm["bias"], cfg.layer_norm_eps)
 
 
-def hidden_states(
-    cfg: BertConfig, params: dict, tokens: torch.Tensor, *, positions: torch.Tensor | None = None,
-    mask: torch.Tensor | None = None, cache: Any = None, remat: bool = False,
-    gather: Callable[[Any], Any] | None = None, token_type_ids: torch.Tensor | None = None,
-    observe: Callable[[int, torch.Tensor], None] | None = None,
-) -> tuple[torch.Tensor, None]:
-    """tokens (B, T) -> (last encoder layer (B, T, D), None). Bidirectional: ``mask`` (B, T) marks
-    real tokens (padding keys are ignored); ``token_type_ids`` (B, T) default 0; ``positions``
-    (B, T) default 0..T-1; ``remat`` / ``gather`` / ``observe`` as in ``llama.hidden_states``."""
-    if cache is not None:
-        raise ConfigError("bert: an encoder has no KV cache (cache must be None)")
-    g = gather if gather is not None else (lambda subtree: subtree)
-    emb = g(params["bert"]["embeddings"])
-    if positions is None:
-        positions = llama.default_positions(tokens)
-    if token_type_ids is None:
-        token_type_ids = torch.zeros_like(tokens)
-    x = (ops.embedding(tokens, emb["word_embeddings"]["weight"]) + ops.embedding(token_type_ids, emb["token_type_embeddings"]["weight"])
-         + ops.embedding(positions, emb["position_embeddings"]["weight"]))
-    x = ops.layer_norm(x, emb["LayerNorm"]["weight"], emb["LayerNorm"]["bias"], cfg.layer_norm_eps)
-    attn_mask = encoder_mask(mask, tokens.shape[1], tokens.device)
-    x = ops.run_layers(lambda p, h, i: layer(cfg, p, h, attn_mask), params["bert"]["encoder"]["layer"], x,
-                       remat=remat, gather=gather, observe=observe)
-    return x, None
+def final(cfg: BertConfig, params: dict, x: torch.Tensor, g: Gather) -> torch.Tensor:
+    """A post-norm encoder ends normalized: the last layer's output as it is."""
+    return x
 
 
 def classify(cfg: BertConfig, params: dict, h: torch.Tensor) -> torch.Tensor:
@@ -322,36 +288,27 @@ def output_weight(cfg: BertConfig, params: dict) -> Any:
     return params["bert"]["embeddings"]["word_embeddings"]["weight"]
 
 
-def forward(cfg: BertConfig, params: dict, tokens: torch.Tensor, *, positions: torch.Tensor | None = None,
-            mask: torch.Tensor | None = None, gather: Callable[[Any], Any] | None = None,
-            token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """tokens (B, T) -> class logits (B, C) for ``head="classify"``, vocabulary logits (B, T, V) for ``"mlm"``."""
-    h, _ = hidden_states(cfg, params, tokens, positions=positions, mask=mask, gather=gather, token_type_ids=token_type_ids)
-    head = head_params(cfg, params, gather)
-    return classify(cfg, head, h) if cfg.head == "classify" else mlm_logits(cfg, head, h)
-
-
-def head_params(cfg: BertConfig, params: dict, gather: Callable[[Any], Any] | None = None) -> dict:
+def head_params(cfg: BertConfig, params: dict, g: Gather) -> dict:
     """The subtree the head reads (``classify`` / ``mlm_logits`` take it as params), each part
-    passed through ``gather`` (FSDP) just before use."""
-    g = gather if gather is not None else (lambda subtree: subtree)
+    passed through ``g`` (the FSDP gather) just before use."""
     if cfg.head == "classify":
         return {"bert": {"pooler": g(params["bert"]["pooler"])}, "classifier": g(params["classifier"])}
     word = g(params["bert"]["embeddings"]["word_embeddings"])
     return {"bert": {"embeddings": {"word_embeddings": word}}, "cls": g(params["cls"])}
 
 
-def peft_config(cfg: BertConfig) -> dict:
+def head(cfg: BertConfig, params: dict, h: torch.Tensor, g: Gather) -> torch.Tensor:
+    """Hidden states (B, T, D) -> class logits (B, C) for ``head="classify"``, vocabulary logits (B, T, V) for ``"mlm"``."""
+    p = head_params(cfg, params, g)
+    return classify(cfg, p, h) if cfg.head == "classify" else mlm_logits(cfg, p, h)
+
+
+def peft_fields(cfg: BertConfig) -> dict:
     """adapter_config.json fields of an adapter over this BERT: a classifier is peft's ``SEQ_CLS``
     with its head (pooler + classifier, ``HEAD_MODULES``) saved in full; a masked-LM has no task type."""
     if cfg.head == "classify":
         return {"task_type": "SEQ_CLS", "modules_to_save": list(HEAD_MODULES)}
     return {"task_type": None}
-
-
-def new_cache(cfg: BertConfig, batch: int, max_len: int, **_: Any) -> None:
-    """BERT is an encoder: there is nothing to decode, so no cache."""
-    raise ConfigError("bert: an encoder cannot generate; there is no KV cache")
 
 
 def classification_loss(cfg: BertConfig, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -364,7 +321,7 @@ def classification_loss(cfg: BertConfig, logits: torch.Tensor, labels: torch.Ten
         if ((labels >= cfg.num_labels) | (labels < 0) & (labels != ops.IGNORE_INDEX)).any():
             raise DataError(f"bert classify: labels must be in [0, {cfg.num_labels}) or -100, found "
                             f"{sorted(set(labels.tolist()))[:5]}")
-        return ops.cross_entropy(logits, labels)
+        return losses.cross_entropy(logits, labels)
     if problem == "regression":
         loss = F.mse_loss(logits.float().reshape(-1), labels.float().reshape(-1), reduction="sum")
         return loss, torch.tensor(labels.numel(), device=labels.device)
@@ -372,8 +329,8 @@ def classification_loss(cfg: BertConfig, logits: torch.Tensor, labels: torch.Ten
     return loss, torch.tensor(labels.numel(), device=labels.device)
 
 
-def loss_fn(cfg: BertConfig, *, chunk_size: int = 1024, remat: bool = False,
-            gather: Callable[[Any], Any] | None = None) -> Callable[[dict, dict], tuple[torch.Tensor, torch.Tensor]]:
+def loss(cfg: BertConfig, *, chunk_size: int = 1024, remat: bool = False,
+         gather: Gather | None = None) -> Callable[[dict, dict], tuple[torch.Tensor, torch.Tensor]]:
     """(params, batch) -> (summed loss fp32, number of labelled items), the protocol of ``models.loss_fn``.
 
     batch: ``tokens`` (B, T), optional ``mask`` (B, T) bool (True = real token), ``token_type_ids``
@@ -382,18 +339,26 @@ def loss_fn(cfg: BertConfig, *, chunk_size: int = 1024, remat: bool = False,
     (-100 at unmasked positions; not shifted). Masked-LM logits are computed only at labelled
     positions, so ``chunk_size`` is unused.
     """
+    g = gather or (lambda subtree: subtree)
 
-    def loss(params: dict, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        h, _ = hidden_states(cfg, params, batch["tokens"], positions=batch.get("positions"), mask=batch.get("mask"),
-                             remat=remat, gather=gather, token_type_ids=batch.get("token_type_ids"))
-        head = head_params(cfg, params, gather)
+    def fn(params: dict, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        extra = {"token_type_ids": batch["token_type_ids"]} if batch.get("token_type_ids") is not None else {}
+        h, _ = decoder.hidden_states(FAMILY, cfg, params, batch["tokens"], positions=batch.get("positions"),
+                                     mask=batch.get("mask"), remat=remat, gather=gather, extra=extra)
+        p = head_params(cfg, params, g)
         if cfg.head == "classify":
-            return classification_loss(cfg, classify(cfg, head, h), batch["labels"])
+            return classification_loss(cfg, classify(cfg, p, h), batch["labels"])
         labels = batch["labels"].reshape(-1)
         picked = labels != ops.IGNORE_INDEX
-        return ops.cross_entropy(mlm_logits(cfg, head, h.reshape(-1, h.shape[-1])[picked]), labels[picked])
+        return losses.cross_entropy(mlm_logits(cfg, p, h.reshape(-1, h.shape[-1])[picked]), labels[picked])
 
-    return loss
+    return fn
 
 
-Config = BertConfig
+FAMILY = Family(
+    name="bert", model_types=("bert",), config=BertConfig, presets=PRESETS, embed=embed, block=block, final=final,
+    output_weight=output_weight, layers="bert.encoder.layer", first_stage=("bert.embeddings",),
+    last_stage=("bert.pooler", "classifier", "cls"), causal=False, rotary=False, lora_targets=("query", "value"),
+    linear_layers=("query", "key", "value", "dense"), init_tensor=init_tensor, checkpoint_name=checkpoint_name,
+    peft_fields=peft_fields, head=head, loss=loss,
+)

@@ -1,11 +1,12 @@
-"""Llama family (Llama-2, Llama-3.x and the tiny test/demo models) as pure functions.
+"""Llama family (Llama-2, Llama-3.x and the tiny test/demo models): the reference decoder block.
 
-- ``LlamaConfig``: a frozen dataclass that reads and writes Hugging Face ``config.json``.
-- ``PRESETS``: named configs (llama2-7b/13b/70b, llama3-8b, tiny ones for tests and the demo).
-- ``init(cfg, ...)``: a seeded params tree whose dotted paths are the HF tensor names; on the meta
-  device it costs no memory; a per-tensor ``hook`` can turn each tensor into a leaf kind (NF4) as
-  soon as it exists, so a large model never sits in memory in full precision.
-- ``hidden_states`` / ``output_weight`` / ``forward``: tokens (B, T) -> logits (B, T, V).
+- ``LlamaConfig``: a frozen dataclass that reads and writes Hugging Face ``config.json``; the base of
+  the Llama-like families (Mistral, Qwen2/3, Gemma-2, Phi-3), which override what differs.
+- ``PRESETS``: named configs (llama2-7b/13b/70b, llama3-8b, llama3.x, tiny ones for tests and the demo).
+- The block as small pure functions the other families reuse: ``qkv`` (projections into heads),
+  ``attend`` (q/k norms, rotary, KV cache, attention, ``o_proj``), ``mlp`` (SwiGLU), ``block``
+  (pre-norm residual, with ``attention`` and ``mlp`` replaceable), ``embed`` / ``final`` / ``output_weight``.
+- ``TP_PLAN``: heads and MLP columns split over tensor-parallel ranks; ``FAMILY``: the record.
 
 Params layout (exactly the safetensors names of ``LlamaForCausalLM``)::
 
@@ -18,28 +19,32 @@ Params layout (exactly the safetensors names of ``LlamaForCausalLM``)::
     lm_head.weight                                  (V, D)   absent when embeddings are tied
 """
 
+
 from __future__ import annotations
 
 import dataclasses
-from functools import partial
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-from torch.utils.checkpoint import checkpoint
+import torch.nn.functional as F
 
 from purefine import ops
 from purefine.errors import ConfigError
+from purefine.models.family import Context, Family, Gather, ModelConfig
 
-Hook = Callable[[str, torch.Tensor], Any]
-# LoRA targets: peft's default (q, v), and every linear layer (``all-linear``; lm_head left out).
-LORA_TARGETS = ("q_proj", "v_proj")
-LINEAR_LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Tensor parallelism: attention heads and MLP columns split over tp ranks (torchtitan's table).
+TP_PLAN = {
+    r".*\.self_attn\.(q|k|v)_proj\.(weight|bias)": "colwise",
+    r".*\.self_attn\.o_proj\.(weight|bias)": "rowwise",
+    r".*\.mlp\.(gate|up)_proj\.(weight|bias)": "colwise",
+    r".*\.mlp\.down_proj\.(weight|bias)": "rowwise",
+}
 
 
 @dataclass(frozen=True)
-class LlamaConfig:
+class LlamaConfig(ModelConfig):
     """A Llama-family architecture; field names are those of Hugging Face's ``LlamaConfig``."""
 
     vocab_size: int = 32000
@@ -110,10 +115,47 @@ class LlamaConfig:
             d["torch_dtype"] = str(dtype).removeprefix("torch.")
         return d
 
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        """{HF tensor name: shape}, in the order ``init`` creates them."""
+        d, h, k, hd, f = self.hidden_size, self.num_attention_heads, self.num_key_value_heads, self.head_dim, \
+            self.intermediate_size
+        shapes = {"model.embed_tokens.weight": (self.vocab_size, d)}
+        for i in range(self.num_hidden_layers):
+            p = f"model.layers.{i}."
+            shapes[p + "input_layernorm.weight"] = (d,)
+            for name, out, inp in (("q", h * hd, d), ("k", k * hd, d), ("v", k * hd, d), ("o", d, h * hd)):
+                shapes[p + f"self_attn.{name}_proj.weight"] = (out, inp)
+                if self.attention_bias:
+                    shapes[p + f"self_attn.{name}_proj.bias"] = (out,)
+            shapes[p + "post_attention_layernorm.weight"] = (d,)
+            for name, out, inp in (("gate", f, d), ("up", f, d), ("down", d, f)):
+                shapes[p + f"mlp.{name}_proj.weight"] = (out, inp)
+                if self.mlp_bias:
+                    shapes[p + f"mlp.{name}_proj.bias"] = (out,)
+        shapes["model.norm.weight"] = (d,)
+        if not self.tie_word_embeddings:
+            shapes["lm_head.weight"] = (self.vocab_size, d)
+        return shapes
+
     @property
-    def num_params(self) -> int:
-        """Parameter count, from shapes alone."""
-        return sum(torch.Size(s).numel() for s in param_shapes(self).values())
+    def rotary_dim(self) -> int:
+        """Dims of each head that rotate (all of them; Phi-3 may rotate a part)."""
+        return self.head_dim
+
+    @property
+    def attention_scale(self) -> float | None:
+        """The score scale (None: 1/sqrt(head_dim); Gemma-2: query_pre_attn_scalar^-1/2)."""
+        return None
+
+    @property
+    def attention_softcap(self) -> float | None:
+        """The attention score soft-cap (Gemma-2), or None."""
+        return None
+
+    @property
+    def activation(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The MLP's gate activation (SiLU for Llama)."""
+        return F.silu
 
 
 def _llama31_rope(factor: float) -> dict:
@@ -169,163 +211,65 @@ PRESETS: dict[str, LlamaConfig] = {
 }
 
 
-def param_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
-    """{HF tensor name: shape}, in the order ``init`` creates them."""
-    d, h, k, hd, f = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size
-    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, d)}
-    for i in range(cfg.num_hidden_layers):
-        p = f"model.layers.{i}."
-        shapes[p + "input_layernorm.weight"] = (d,)
-        for name, out, inp in (("q", h * hd, d), ("k", k * hd, d), ("v", k * hd, d), ("o", d, h * hd)):
-            shapes[p + f"self_attn.{name}_proj.weight"] = (out, inp)
-            if cfg.attention_bias:
-                shapes[p + f"self_attn.{name}_proj.bias"] = (out,)
-        shapes[p + "post_attention_layernorm.weight"] = (d,)
-        for name, out, inp in (("gate", f, d), ("up", f, d), ("down", d, f)):
-            shapes[p + f"mlp.{name}_proj.weight"] = (out, inp)
-            if cfg.mlp_bias:
-                shapes[p + f"mlp.{name}_proj.bias"] = (out,)
-    shapes["model.norm.weight"] = (d,)
-    if not cfg.tie_word_embeddings:
-        shapes["lm_head.weight"] = (cfg.vocab_size, d)
-    return shapes
+def embed(cfg: LlamaConfig, params: dict, tokens: torch.Tensor, ctx: Context, g: Gather, extra: dict) -> torch.Tensor:
+    """tokens (B, T) -> rows of ``model.embed_tokens`` (B, T, D)."""
+    return ops.embedding(tokens, g(params["model"]["embed_tokens"])["weight"])
 
 
-def init_tensor(name: str, shape: tuple[int, ...], std: float, gen: torch.Generator, dtype: torch.dtype, device: Any) -> torch.Tensor:
-    """HF's init: N(0, std) for matrices, ones for norm weights, zeros for biases."""
-    if str(device) == "meta":
-        return torch.empty(shape, dtype=dtype, device="meta")
-    if name.endswith("norm.weight"):
-        return torch.ones(shape, dtype=dtype, device=device)
-    if name.endswith(".bias"):
-        return torch.zeros(shape, dtype=dtype, device=device)
-    t = torch.empty(shape, dtype=torch.float32).normal_(0.0, std, generator=gen)
-    return t.to(dtype=dtype, device=device)
-
-
-def init(
-    cfg: LlamaConfig, *, seed: int = 0, dtype: torch.dtype = torch.float32, device: Any = "cpu", hook: Hook | None = None
-) -> dict:
-    """A seeded params tree. ``device='meta'`` gives shapes without memory; ``hook(name, tensor)``
-    maps each tensor as soon as it is made (e.g. to NF4), so peak memory is one tensor above the result."""
-    from purefine import tree  # local: keeps the model file's import list to ops
-
-    gen = torch.Generator().manual_seed(seed)
-    flat = {}
-    for name, shape in param_shapes(cfg).items():
-        t = init_tensor(name, shape, cfg.initializer_range, gen, dtype, device)
-        flat[name] = hook(name, t) if hook is not None else t
-    return tree.unflatten(flat)
-
-
-def attention_block(cfg: LlamaConfig, p: dict, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                    mask: torch.Tensor | None, cache: ops.KVCache | None, layer: int) -> torch.Tensor:
-    """x (B, T, D) -> (B, T, D): grouped-query self-attention with rotary positions."""
+def heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """(B, T, N * Dh) -> (B, N, T, Dh)."""
     b, t, _ = x.shape
-    hd = cfg.head_dim
-    q = ops.linear(x, p["q_proj"]["weight"], p["q_proj"].get("bias")).view(b, t, -1, hd).transpose(1, 2)
-    k = ops.linear(x, p["k_proj"]["weight"], p["k_proj"].get("bias")).view(b, t, -1, hd).transpose(1, 2)
-    v = ops.linear(x, p["v_proj"]["weight"], p["v_proj"].get("bias")).view(b, t, -1, hd).transpose(1, 2)
-    q, k = ops.apply_rope(q, cos, sin), ops.apply_rope(k, cos, sin)
-    if cache is not None:
-        k, v = cache.update(layer, k, v)
-    o = ops.attention(q, k, v, mask=mask)
-    return ops.linear(o.transpose(1, 2).reshape(b, t, -1), p["o_proj"]["weight"], p["o_proj"].get("bias"))
+    return x.view(b, t, -1, head_dim).transpose(1, 2)
 
 
-def mlp_block(cfg: LlamaConfig, p: dict, x: torch.Tensor) -> torch.Tensor:
-    """x (B, T, D) -> (B, T, D): SwiGLU (biases when ``mlp_bias``)."""
-    if not cfg.mlp_bias:
-        return ops.swiglu(x, p["gate_proj"]["weight"], p["up_proj"]["weight"], p["down_proj"]["weight"])
-    gate = ops.linear(x, p["gate_proj"]["weight"], p["gate_proj"]["bias"])
-    up = ops.linear(x, p["up_proj"]["weight"], p["up_proj"]["bias"])
-    return ops.linear(torch.nn.functional.silu(gate) * up, p["down_proj"]["weight"], p["down_proj"]["bias"])
+def _proj(p: dict, x: torch.Tensor) -> torch.Tensor:
+    return ops.linear(x, p["weight"], p.get("bias"))
 
 
-def decoder_layer(cfg: LlamaConfig, p: dict, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                  mask: torch.Tensor | None, cache: ops.KVCache | None = None, layer: int = 0) -> torch.Tensor:
-    """One pre-norm block: x + attn(norm(x)), then + mlp(norm(.))."""
-    x = x + attention_block(cfg, p["self_attn"], ops.rms_norm(x, p["input_layernorm"]["weight"], cfg.rms_norm_eps),
-                            cos, sin, mask, cache, layer)
-    return x + mlp_block(cfg, p["mlp"], ops.rms_norm(x, p["post_attention_layernorm"]["weight"], cfg.rms_norm_eps))
+def qkv(cfg: LlamaConfig, p: dict, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (B, T, D) -> q (B, H, T, Dh), k and v (B, K, T, Dh) through q/k/v_proj."""
+    return tuple(heads(_proj(p[f"{n}_proj"], x), cfg.head_dim) for n in "qkv")  # type: ignore[return-value]
 
 
-def default_positions(tokens: torch.Tensor, offset: int = 0) -> torch.Tensor:
-    """(B, T) positions offset, offset + 1, ... for every row."""
-    b, t = tokens.shape
-    return torch.arange(offset, offset + t, device=tokens.device).expand(b, t)
+def attend(cfg: LlamaConfig, p: dict, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: Context,
+           i: int) -> torch.Tensor:
+    """q (B, H, T, Dh), k, v (B, K, T, Dh) -> (B, T, D): rotary positions, the KV cache, attention
+    under layer i's mask (scale and soft-cap from the config), then ``o_proj``."""
+    q, k = ops.apply_rope(q, ctx.cos, ctx.sin), ops.apply_rope(k, ctx.cos, ctx.sin)
+    if ctx.cache is not None:
+        k, v = ctx.cache.update(i, k, v)
+    o = ops.attention(q, k, v, mask=ctx.masks[i], scale=cfg.attention_scale, softcap=cfg.attention_softcap)
+    b, _, t, _ = o.shape
+    return _proj(p["o_proj"], o.transpose(1, 2).reshape(b, t, -1))
 
 
-def prepare_mask(mask: torch.Tensor | None, t: int, cache: ops.KVCache | None) -> torch.Tensor | None:
-    """Normalize a mask argument to what ``ops.attention`` takes (None = plain causal).
-
-    (B, S) is a key padding mask (True = real token) combined with causality; (B, T, S) or
-    (B, 1, T, S) is used as given. With a cache, S counts the cached positions too.
-    """
-    offset = cache.length if cache is not None else 0
-    if mask is None:
-        if cache is None or t == 1:
-            return None
-        return ops.causal_mask(t, offset + t, offset=offset, device=cache.keys[0].device)
-    if mask.dim() == 2:
-        return ops.padded_causal_mask(mask.bool(), t, offset=offset)
-    if mask.dim() == 3:
-        return mask[:, None]
-    return mask
+def attention(cfg: LlamaConfig, p: dict, x: torch.Tensor, ctx: Context, i: int) -> torch.Tensor:
+    """x (B, T, D) -> (B, T, D): grouped-query self-attention with rotary positions."""
+    return attend(cfg, p, *qkv(cfg, p, x), ctx, i)
 
 
-def hidden_states(
-    cfg: LlamaConfig, params: dict, tokens: torch.Tensor, *, positions: torch.Tensor | None = None,
-    mask: torch.Tensor | None = None, cache: ops.KVCache | None = None, remat: bool = False,
-    gather: Callable[[Any], Any] | None = None, observe: Callable[[int, torch.Tensor], None] | None = None,
-) -> tuple[torch.Tensor, ops.KVCache | None]:
-    """tokens (B, T) -> (final normed hidden states (B, T, D), advanced cache or None).
-
-    ``remat=True`` recomputes each block in backward (activation checkpointing). ``gather(subtree)``
-    is applied to each layer's params just before the layer runs (inside the checkpoint, so it runs
-    again in backward) and to the embedding and final norm where they are used: FSDP gathers
-    sharded weights there. ``observe(i, x)`` (debugging) sees layer i's output x (B, T, D).
-    """
-    g = gather if gather is not None else (lambda subtree: subtree)
-    m = params["model"]
-    x = ops.embedding(tokens, g(m["embed_tokens"])["weight"])
-    if positions is None:
-        positions = default_positions(tokens, cache.length if cache is not None else 0)
-    inv_freq = ops.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).to(x.device)
-    cos, sin = ops.rope_cos_sin(inv_freq, positions, x.dtype)
-    attn_mask = prepare_mask(mask, tokens.shape[1], cache)
-    layer_fn = decoder_layer if gather is None else partial(_gathered_layer, gather)
-    for i, layer in enumerate(m["layers"]):
-        if remat and torch.is_grad_enabled():
-            x = checkpoint(layer_fn, cfg, layer, x, cos, sin, attn_mask, cache, i, use_reentrant=False)
-        else:
-            x = layer_fn(cfg, layer, x, cos, sin, attn_mask, cache, i)
-        if observe is not None:
-            observe(i, x)
-    x = ops.rms_norm(x, g(m["norm"])["weight"], cfg.rms_norm_eps)
-    return x, (cache.advance(tokens.shape[1]) if cache is not None else None)
+def mlp(cfg: LlamaConfig, p: dict, x: torch.Tensor) -> torch.Tensor:
+    """x (B, T, D) -> (B, T, D): the gated MLP down(act(gate(x)) * up(x)) (biases when ``mlp_bias``)."""
+    return _proj(p["down_proj"], cfg.activation(_proj(p["gate_proj"], x)) * _proj(p["up_proj"], x))
 
 
-def _gathered_layer(gather: Callable[[Any], Any], cfg: LlamaConfig, p: dict, *args: Any) -> torch.Tensor:
-    return decoder_layer(cfg, gather(p), *args)
+def block(cfg: LlamaConfig, p: dict, x: torch.Tensor, ctx: Context, i: int, *,
+          attention: Callable[..., torch.Tensor] = attention, mlp: Callable[..., torch.Tensor] = mlp) -> torch.Tensor:
+    """One pre-norm layer: x + attention(norm(x)), then + mlp(norm(.)). x (B, T, D) -> (B, T, D)."""
+    eps = cfg.rms_norm_eps
+    x = x + attention(cfg, p["self_attn"], ops.rms_norm(x, p["input_layernorm"]["weight"], eps), ctx, i)
+    return x + mlp(cfg, p["mlp"], ops.rms_norm(x, p["post_attention_layernorm"]["weight"], eps))
 
 
-def output_weight(cfg: LlamaConfig, params: dict) -> Any:
+def final(cfg: LlamaConfig, params: dict, x: torch.Tensor, g: Gather) -> torch.Tensor:
+    """The final RMSNorm: x (B, T, D) -> (B, T, D)."""
+    return ops.rms_norm(x, g(params["model"]["norm"])["weight"], cfg.rms_norm_eps)
+
+
+def output_weight(cfg: Any, params: dict) -> Any:
     """The (V, D) output projection: lm_head, or the input embedding when tied."""
     return params["model"]["embed_tokens"]["weight"] if cfg.tie_word_embeddings else params["lm_head"]["weight"]
 
 
-def forward(cfg: LlamaConfig, params: dict, tokens: torch.Tensor, *, positions: torch.Tensor | None = None,
-            mask: torch.Tensor | None = None, gather: Callable[[Any], Any] | None = None) -> torch.Tensor:
-    """tokens (B, T) int64 -> logits (B, T, V). Causal unless ``mask`` says otherwise."""
-    h, _ = hidden_states(cfg, params, tokens, positions=positions, mask=mask, gather=gather)
-    w = output_weight(cfg, params)
-    return ops.linear(h, gather(w) if gather is not None else w)
-
-
-def new_cache(cfg: LlamaConfig, batch: int, max_len: int, *, dtype: torch.dtype, device: Any = None) -> ops.KVCache:
-    """An empty KV cache for ``batch`` sequences of up to ``max_len`` tokens."""
-    return ops.KVCache.empty(cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim,
-                             dtype=dtype, device=device)
-
-Config = LlamaConfig
+FAMILY = Family(name="llama", model_types=("llama",), config=LlamaConfig, presets=PRESETS, embed=embed,
+                block=block, final=final, output_weight=output_weight, tp_plan=TP_PLAN)

@@ -4,8 +4,8 @@
   Mistral-7B-v0.2+; 4096 in v0.1). Reads and writes Hugging Face ``config.json``.
 - ``PRESETS``: mistral-7b (v0.1, window 4096), mistral-7b-v0.3 (no window, vocab 32768),
   mistral-debug (tests: a window of 4 so short sequences exercise it).
-- ``hidden_states`` / ``forward``: the Llama decoder layers, each with the mask of its own
-  attention kind (``cfg.layer_window(i)``). Qwen2 reuses this loop with per-layer windows.
+- ``FAMILY``: Llama's record with this config; the shared decoder narrows each layer's mask to
+  ``cfg.layer_window(i)``.
 
 The window matches transformers' ``sliding_window_causal_mask_function``: query i sees keys
 j with i - window < j <= i, counted in sequence (KV-cache) indices, and it narrows any mask it is
@@ -15,22 +15,16 @@ given (padding, packing). Params layout is exactly Llama's (``MistralForCausalLM
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
-from purefine import ops
 from purefine.errors import ConfigError
 from purefine.models import llama
-from purefine.models.llama import init, new_cache, output_weight, param_shapes  # noqa: F401  (the family protocol)
 
 # transformers' MistralConfig default when config.json has no sliding_window key at all
 HF_DEFAULT_WINDOW = 4096
-
-# LoRA targets and the ``all-linear`` set: the layer names are Llama's.
-LORA_TARGETS, LINEAR_LAYERS = llama.LORA_TARGETS, llama.LINEAR_LAYERS
 
 
 @dataclass(frozen=True)
@@ -87,55 +81,5 @@ PRESETS: dict[str, MistralConfig] = {
 }
 
 
-def layer_masks(cfg: Any, mask: torch.Tensor | None, t: int, cache: ops.KVCache | None,
-                device: torch.device) -> list[torch.Tensor | None]:
-    """One prepared attention mask per layer: the shared causal/padding mask, windowed where the
-    layer has a window. Layers with the same window share one tensor."""
-    offset = cache.length if cache is not None else 0
-    full = llama.prepare_mask(mask, t, cache)
-    by_window: dict[int | None, torch.Tensor | None] = {None: full}
-    out = []
-    for i in range(cfg.num_hidden_layers):
-        w = cfg.layer_window(i)
-        if w not in by_window:
-            by_window[w] = ops.window_mask(full, w, t, offset=offset, device=device)
-        out.append(by_window[w])
-    return out
-
-
-def hidden_states(
-    cfg: Any, params: dict, tokens: torch.Tensor, *, positions: torch.Tensor | None = None,
-    mask: torch.Tensor | None = None, cache: ops.KVCache | None = None, remat: bool = False,
-    gather: Callable[[Any], Any] | None = None, observe: Callable[[int, torch.Tensor], None] | None = None,
-) -> tuple[torch.Tensor, ops.KVCache | None]:
-    """tokens (B, T) -> (final normed hidden states (B, T, D), advanced cache or None).
-
-    As ``llama.hidden_states`` (``mask``, ``positions``, ``remat``, ``gather``, ``observe``), with each layer's
-    attention limited to its window.
-    """
-    g = gather if gather is not None else (lambda subtree: subtree)
-    m = params["model"]
-    x = ops.embedding(tokens, g(m["embed_tokens"])["weight"])
-    if positions is None:
-        positions = llama.default_positions(tokens, cache.length if cache is not None else 0)
-    inv_freq = ops.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).to(x.device)
-    cos, sin = ops.rope_cos_sin(inv_freq, positions, x.dtype)
-    masks = layer_masks(cfg, mask, tokens.shape[1], cache, x.device)
-
-    def block(p: dict, h: torch.Tensor, i: int) -> torch.Tensor:
-        return llama.decoder_layer(cfg, p, h, cos, sin, masks[i], cache, i)
-
-    x = ops.run_layers(block, m["layers"], x, remat=remat, gather=gather, observe=observe)
-    x = ops.rms_norm(x, g(m["norm"])["weight"], cfg.rms_norm_eps)
-    return x, (cache.advance(tokens.shape[1]) if cache is not None else None)
-
-
-def forward(cfg: Any, params: dict, tokens: torch.Tensor, *, positions: torch.Tensor | None = None,
-            mask: torch.Tensor | None = None, gather: Callable[[Any], Any] | None = None) -> torch.Tensor:
-    """tokens (B, T) int64 -> logits (B, T, V). Causal (and windowed) unless ``mask`` narrows it."""
-    h, _ = hidden_states(cfg, params, tokens, positions=positions, mask=mask, gather=gather)
-    w = output_weight(cfg, params)
-    return ops.linear(h, gather(w) if gather is not None else w)
-
-
-Config = MistralConfig
+FAMILY = dataclasses.replace(llama.FAMILY, name="mistral", model_types=("mistral",), config=MistralConfig,
+                             presets=PRESETS)

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from purefine import ops, tree
+from purefine import losses, tree
 from purefine.errors import ConfigError
 
 
@@ -90,6 +90,6 @@ def loss_fn(module: nn.Module, *, inputs: Callable[[dict], dict] = causal_lm_inp
 
     def loss(params: dict, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         logits = logits_of(fn(params, **inputs(batch)))
-        return ops.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1))
+        return losses.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1))
 
     return loss

@@ -4,15 +4,15 @@
   ``max_window_layers`` / ``layer_types``. Reads and writes Hugging Face ``config.json``. The q/k/v
   biases are part of the architecture, not a config switch (``o_proj`` has none).
 - ``PRESETS``: qwen2.5-0.5b / 1.5b (tied embeddings), qwen2.5-7b, and qwen2-debug for tests.
-- ``param_shapes`` / ``init``: Llama's tensors plus ``self_attn.{q,k,v}_proj.bias``.
-- ``hidden_states`` / ``forward``: Mistral's windowed loop; a layer listed as
-  ``sliding_attention`` in ``layer_types`` sees only the last ``sliding_window`` keys (as in
-  transformers, that needs ``use_sliding_window``; the released Qwen2.5 checkpoints leave it off).
+- ``param_shapes``: Llama's tensors plus ``self_attn.{q,k,v}_proj.bias``.
+- ``FAMILY``: Llama's block; a layer listed as ``sliding_attention`` in ``layer_types`` sees only the
+  last ``sliding_window`` keys (as in transformers, that needs ``use_sliding_window``; the released
+  Qwen2.5 checkpoints leave it off).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -20,13 +20,8 @@ import torch
 
 from purefine.errors import ConfigError
 from purefine.models import llama, mistral
-from purefine.models.llama import new_cache, output_weight  # noqa: F401  (the family protocol)
-from purefine.models.mistral import forward, hidden_states  # noqa: F401  (uses cfg.layer_window)
 
 LAYER_TYPES = ("full_attention", "sliding_attention")
-
-# LoRA targets and the ``all-linear`` set: the layer names are Llama's.
-LORA_TARGETS, LINEAR_LAYERS = llama.LORA_TARGETS, llama.LINEAR_LAYERS
 
 
 @dataclass(frozen=True)
@@ -49,9 +44,7 @@ class Qwen2Config(llama.LlamaConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.attention_bias or self.mlp_bias:
-            raise ConfigError(f"{self.model_type} config: attention_bias / mlp_bias are not switches in this "
-                              "family (q/k/v always have biases, o_proj and the MLP never)")
+        self.check_biases()
         mistral.check_window(self.model_type, self.sliding_window)
         types = self.layer_types
         if types is None:  # transformers' rule: layers from max_window_layers on slide, when enabled
@@ -61,6 +54,12 @@ class Qwen2Config(llama.LlamaConfig):
         if len(self.layer_types) != self.num_hidden_layers or not set(self.layer_types) <= set(LAYER_TYPES):
             raise ConfigError(f"{self.model_type} config: layer_types must list {self.num_hidden_layers} entries "
                               f"from {LAYER_TYPES}, found {list(self.layer_types)}")
+
+    def check_biases(self) -> None:
+        """q/k/v always have biases in Qwen2, o_proj and the MLP never: the bias flags are not switches."""
+        if self.attention_bias or self.mlp_bias:
+            raise ConfigError(f"{self.model_type} config: attention_bias / mlp_bias are not switches in this "
+                              "family (q/k/v always have biases, o_proj and the MLP never)")
 
     @classmethod
     def from_hf(cls, d: dict, source: str = "config.json") -> Qwen2Config:
@@ -77,10 +76,14 @@ class Qwen2Config(llama.LlamaConfig):
         d["layer_types"] = list(self.layer_types)
         return d
 
-    @property
-    def num_params(self) -> int:
-        """Parameter count, from shapes alone (the q/k/v biases included)."""
-        return sum(torch.Size(s).numel() for s in param_shapes(self).values())
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        """{HF tensor name: shape}: Llama's, with a bias after each q/k/v projection weight."""
+        shapes: dict[str, tuple[int, ...]] = {}
+        for name, shape in super().param_shapes().items():
+            shapes[name] = shape
+            if name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight")):
+                shapes[name.removesuffix("weight") + "bias"] = (shape[0],)
+        return shapes
 
     def layer_window(self, layer: int) -> int | None:
         """The attention window of layer ``layer`` (None = full causal)."""
@@ -109,28 +112,4 @@ PRESETS: dict[str, Qwen2Config] = {
 }
 
 
-def param_shapes(cfg: Qwen2Config) -> dict[str, tuple[int, ...]]:
-    """{HF tensor name: shape}: Llama's, with a bias after each q/k/v projection weight."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    for name, shape in llama.param_shapes(cfg).items():
-        shapes[name] = shape
-        if name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight")):
-            shapes[name.removesuffix("weight") + "bias"] = (shape[0],)
-    return shapes
-
-
-def init(cfg: Qwen2Config, *, seed: int = 0, dtype: torch.dtype = torch.float32, device: Any = "cpu",
-         hook: Callable[[str, torch.Tensor], Any] | None = None) -> dict:
-    """A seeded params tree (HF's init: N(0, initializer_range), norms one, biases zero); ``hook``
-    and ``device='meta'`` as in ``llama.init``."""
-    from purefine import tree
-
-    gen = torch.Generator().manual_seed(seed)
-    flat = {}
-    for name, shape in param_shapes(cfg).items():
-        t = llama.init_tensor(name, shape, cfg.initializer_range, gen, dtype, device)
-        flat[name] = hook(name, t) if hook is not None else t
-    return tree.unflatten(flat)
-
-
-Config = Qwen2Config
+FAMILY = dataclasses.replace(llama.FAMILY, name="qwen2", model_types=("qwen2",), config=Qwen2Config, presets=PRESETS)

@@ -21,15 +21,15 @@ recipe's interface), ``bench`` (``bench_parallel``: tokens/s of N processes agai
 """
 
 from purefine.shard.checkpoint_io import from_local_flat, gather_full, local_flat, make_reader
-from purefine.shard.gather import ColumnParallel, RowParallel, gather_tensor, make_gather
-from purefine.shard.layout import Layout, layout, resolve_sizes, settle_grads
+from purefine.shard.gather import ColumnParallel, RowParallel, gather_tensor, make_gather, settle_grads
+from purefine.shard.layout import Layout, layout, resolve_sizes
 from purefine.shard.pipeline import make_pipeline_step, stage_ranges
 from purefine.shard.plan import (
-    GENERIC_PLAN, LLAMA_PLAN, PLANS, leaf_placements, local_nbytes, plan_for, shard, tensor_placements, unshard,
+    GENERIC_PLAN, leaf_placements, local_nbytes, plan_for, shard, tensor_placements, unshard,
 )
 
 __all__ = [
-    "ColumnParallel", "GENERIC_PLAN", "LLAMA_PLAN", "Layout", "PLANS", "RowParallel", "from_local_flat",
+    "ColumnParallel", "GENERIC_PLAN", "Layout", "RowParallel", "from_local_flat",
     "gather_full", "gather_tensor", "layout", "leaf_placements", "local_flat", "local_nbytes", "make_gather",
     "make_pipeline_step", "make_reader", "plan_for", "resolve_sizes", "settle_grads", "shard", "stage_ranges",
     "tensor_placements", "unshard",

@@ -64,14 +64,12 @@ class _Reader:
         self.mesh, self.sizes = layout.mesh, plan.mesh_sizes(layout.mesh)
         self.plan = plan.plan_for(model_cfg)
         self.quantize = re.compile(quantize) if quantize else None
-        self.from_hf = getattr(models.family(model_cfg), "from_hf_tensor", None)
         self.ranges = pipeline.check_model(model_cfg, layout.sizes) if layout.pp_size > 1 else None
 
     def __call__(self, name: str, file: Any, file_name: str) -> Any:
         shape = tuple(file.shape(file_name))
-        if self.from_hf is not None:  # a layout hook (GPT-2's Conv1D): the params' shape, not the file's
-            shape = tuple(self.from_hf(name, torch.empty(shape, device="meta")).shape)
-        if self.ranges is not None and pipeline.owner_stage(name, self.ranges) != self.layout.pp_rank:
+        shape = tuple(models.hf_layout(self.cfg, name, torch.empty(shape, device="meta")).shape)  # params' layout
+        if self.ranges is not None and pipeline.owner_stage(self.cfg, name, self.ranges) != self.layout.pp_rank:
             meta = torch.empty(shape, dtype=self.dtype or file.dtype(file_name), device="meta")
             return self._maybe_quantize(name, meta)
         if self.quantize is not None and self.quantize.fullmatch(name):
@@ -88,9 +86,10 @@ class _Reader:
         return t.to(self.layout.device).contiguous()
 
     def _read_region(self, name: str, file: Any, file_name: str, region: list[tuple[int, int]]) -> torch.Tensor:
-        """The tensor's block ``region``, reading only its rows (all of it with a layout hook)."""
-        if self.from_hf is not None:
-            t = self.from_hf(name, file.read(file_name))
+        """The tensor's block ``region``, reading only its rows (all of a weight stored transposed)."""
+        transposed = models.family(self.cfg).hf_transposed
+        if transposed is not None and re.fullmatch(transposed, name):
+            t = models.hf_layout(self.cfg, name, file.read(file_name))
         elif region:
             start, length = region[0]
             t = file.read(file_name, rows=slice(start, start + length))
@@ -110,7 +109,7 @@ class _Reader:
         ranks, rank = self.sizes["dp_shard"], self.mesh.get_local_rank("dp_shard")
         start, stop = rank * numel // ranks, (rank + 1) * numel // ranks
         flat = self._read_flat(name, file, file_name, shape, start, stop)
-        codes, absmax = nf4._encode_values(flat, (stop - start) // nf4.BLOCK_SIZE, name)
+        codes, absmax = nf4.encode_values(flat, (stop - start) // nf4.BLOCK_SIZE, name)
         pieces = [torch.empty_like(absmax) for _ in range(ranks)]
         dist.all_gather(pieces, absmax, group=self.mesh.get_group("dp_shard"))
         mean = torch.cat(pieces).mean()  # the same reduction as quantizing the whole tensor
@@ -179,7 +178,7 @@ def _gather_stages(params: Any, layout: Any) -> Any:
     stage_leader = all(c == 0 for c in layout.world_mesh.get_coordinate()[1:])
     values = []
     for path, meta in zip(paths, leaves):
-        owner = pipeline.owner_stage(path, ranges)
+        owner = pipeline.owner_stage(layout.model_cfg, path, ranges)
         value = None
         if owner == layout.pp_rank:
             value = _full_on_main(mine[path], layout.is_main or stage_leader)

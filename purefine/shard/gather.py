@@ -199,3 +199,16 @@ def make_gather(mesh: Any) -> Callable[[Any], Any]:
         return tree.map(lambda leaf: gather_leaf(leaf, mesh, group), subtree, is_leaf=tree.is_leaf)
 
     return gather
+
+
+def settle_grads(grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """{path: gradient} (each of its parameter's shape, e.g. (out, in)): those left as partial sums
+    (a ``Partial`` placement) all-reduced into replicas; the
+    gather hook's backward already reduce-scatters / all-reduces the rest."""
+    out = {}
+    for path, g in grads.items():
+        placements = getattr(g, "placements", ())
+        if any(p.is_partial() for p in placements):
+            g = g.redistribute(g.device_mesh, [Replicate() if p.is_partial() else p for p in placements])
+        out[path] = g
+    return out

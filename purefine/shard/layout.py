@@ -28,9 +28,11 @@ import torch.distributed as dist
 from purefine import models, optim, train
 from purefine.errors import ConfigError
 from purefine.shard import checkpoint_io, pipeline, plan
-from purefine.shard.gather import make_gather
+from purefine.shard.gather import make_gather, settle_grads
 
 DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
+# Step metrics that are already global (or per process); every other one is this rank's share of a mean.
+_RANK_METRICS = ("tokens", "grad_norm", "skipped", "nonfinite_grads")
 
 
 def resolve_sizes(parallel: Any, world_size: int) -> dict[str, int]:
@@ -96,6 +98,7 @@ class Layout:
     world_mesh: Any = None
     microbatches: int = 0
     template: Any = None  # pipeline only, set by shard_params: the full tree on the meta device
+    model_cfg: Any = None  # pipeline only, set by shard_params: the model config the stages split
     stage_ranges: Any = None  # pipeline only, set by shard_params: the layer range of each stage
 
     @property
@@ -155,35 +158,49 @@ class Layout:
         if self.pp_size > 1:
             self.stage_ranges = pipeline.check_model(model_cfg, self.sizes)
             self.template = pipeline.meta_template(params)
-            params = pipeline.stage_params(params, self.stage_ranges, self.pp_rank)
+            self.model_cfg = model_cfg
+            params = pipeline.stage_params(model_cfg, params, self.stage_ranges, self.pp_rank)
         _check_heads(model_cfg, self.sizes["tp"])
         return plan.shard(params, self.mesh, plan.plan_for(model_cfg))
 
-    def loss_fn(self, model_cfg: Any, *, chunk_size: int = 1024) -> Callable[[Any, dict], tuple[torch.Tensor, torch.Tensor]]:
-        """(params, batch) -> (loss sum, labelled tokens) of this rank's batch, on every rank of a
-        stage group (for evaluation; training goes through ``make_step``)."""
+    def loss_fn(self, model_cfg: Any, *, chunk_size: int = 1024,
+                loss: Callable[..., Any] | None = None) -> Callable[[Any, dict], tuple]:
+        """(params, batch) -> (loss sum, count[, sums]) of this rank's batch, on every rank of a
+        stage group (for evaluation; training goes through ``make_step``). ``loss(gather, remat)``
+        builds a task's own loss; None is the model's next-token loss."""
+        if loss is not None:
+            return loss(self.gather, False)
         if self.pp_size > 1:
             return pipeline.eval_loss_fn(model_cfg, self, chunk_size=chunk_size)
         return models.loss_fn(model_cfg, chunk_size=chunk_size, gather=self.gather)
 
     def make_step(self, model_cfg: Any, optimizer: optim.Optimizer, *, trainable: train.Filter = train.all_floating,
                   remat: bool = False, chunk_size: int = 1024, clip_norm: float | None = None,
-                  compute_dtype: torch.dtype | None = None, skip_nonfinite: bool = False) -> Callable[..., Any]:
+                  compute_dtype: torch.dtype | None = None, skip_nonfinite: bool = False,
+                  loss: Callable[..., Any] | None = None,
+                  count: Callable[[Any], torch.Tensor] = train.labelled_tokens) -> Callable[..., Any]:
         """``train.make_step`` with this layout's gather and sync hooks (or the pipeline schedule);
-        the step's ``loss`` metric is the global one on every rank."""
+        the step's ``loss`` (and the loss's own metrics) are the global ones on every rank.
+        ``loss(gather, remat)`` builds a task's own loss (None: the model's next-token loss, the
+        only one pipeline stages run); ``count`` is its per-batch normalizer."""
         options = dict(trainable=trainable, clip_norm=clip_norm, compute_dtype=compute_dtype,
                        skip_nonfinite=skip_nonfinite)
         if self.pp_size > 1:
+            if loss is not None:
+                raise ConfigError("--parallel.pp: pipeline stages train the causal-LM task only")
             return pipeline.make_pipeline_step(model_cfg, optimizer, self, remat=remat, chunk_size=chunk_size, **options)
-        loss = models.loss_fn(model_cfg, chunk_size=chunk_size, remat=remat, gather=self.gather)
+        fn = loss(self.gather, remat) if loss is not None else \
+            models.loss_fn(model_cfg, chunk_size=chunk_size, remat=remat, gather=self.gather)
         if not self.distributed:
-            return train.make_step(loss, optimizer, **options)
-        inner = train.make_step(loss, optimizer, sync_count=self.sum_over_dp, sync_grads=settle_grads, **options)
+            return train.make_step(fn, optimizer, count=count, **options)
+        inner = train.make_step(fn, optimizer, count=count, sync_count=self.sum_over_dp, sync_grads=settle_grads,
+                                **options)
 
         def step(state: train.TrainState, batch: Any) -> tuple[train.TrainState, dict[str, float]]:
             state, metrics = inner(state, batch)
-            loss_value = self.sum_over_dp(torch.tensor(metrics["loss"], dtype=torch.float64))
-            return state, metrics | {"loss": float(loss_value)}
+            summed = {k: float(self.sum_over_dp(torch.tensor(metrics[k], dtype=torch.float64)))
+                      for k in metrics if k == "loss" or k not in _RANK_METRICS}
+            return state, metrics | summed
 
         return step
 
@@ -212,27 +229,17 @@ class Layout:
             dist.barrier()
 
 
-def settle_grads(grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """{path: gradient} (each of its parameter's shape, e.g. (out, in)): those left as partial sums
-    (a ``Partial`` placement) all-reduced into replicas; the
-    gather hook's backward already reduce-scatters / all-reduces the rest."""
-    out = {}
-    for path, g in grads.items():
-        placements = getattr(g, "placements", ())
-        if any(p.is_partial() for p in placements):
-            from torch.distributed.tensor import Replicate
-
-            g = g.redistribute(g.device_mesh, [Replicate() if p.is_partial() else p for p in placements])
-        out[path] = g
-    return out
-
-
 def _check_heads(model_cfg: Any, tp: int) -> None:
+    """Tensor parallelism needs the family's plan and heads / MLP columns that tp divides."""
     if tp == 1:
         return
+    fam = models.family(model_cfg)
+    if not fam.tp_plan:
+        raise ConfigError(f"--parallel.tp {tp}: the {fam.name} family declares no tensor-parallel plan; "
+                          "use --parallel.dp-shard (FSDP) or --parallel.dp-replicate")
     for name in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
-        value = getattr(model_cfg, name, None)
-        if value is not None and value % tp:
+        value = getattr(model_cfg, name)
+        if value % tp:
             raise ConfigError(f"--parallel.tp {tp}: the model's {name} ({value}) must be a multiple of tp")
 
 

@@ -6,8 +6,8 @@ point-to-point sends (the primitives ``torch.distributed.pipelining`` builds on)
 - ``stage_params(params, ...)``: the full tree with every weight other stages own set to None —
   paths (``model.layers.7...``) keep their global layer index, so plans, filters, optimizer state
   and saved names are unchanged.
-- ``stage_forward``: one stage as a pure function; the same ops as ``llama.hidden_states`` and
-  ``models.loss_fn`` (so a pipelined run equals a one-process run).
+- ``stage_forward``: one stage as a pure function: the pieces of ``models.decoder`` (prologue,
+  blocks, final norm and loss) that a one-process run composes, so a pipelined run equals it.
 - ``make_pipeline_step``: ``step(state, batch) -> (state, metrics)``, the ``train.make_step``
   contract. Each batch is cut into micro-batches along the batch dimension; GPipe runs every
   forward (activations sent to the next stage), then every backward in reverse order (gradients of
@@ -15,8 +15,9 @@ point-to-point sends (the primitives ``torch.distributed.pipelining`` builds on)
   accumulate on each stage's trainable leaves, the gradient norm is summed over stages.
 - ``eval_loss_fn``: a forward-only pipeline; the last stage's loss goes to every stage.
 
-Supports the Llama family with untied embeddings; data parallelism, FSDP and tensor parallelism
-compose inside each stage (a stage has its own dp_replicate x dp_shard x tp mesh).
+Supports every causal family with untied embeddings (the split points are the family's ``layers``,
+``first_stage`` and ``last_stage``); data parallelism, FSDP and tensor parallelism compose inside
+each stage (a stage has its own dp_replicate x dp_shard x tp mesh).
 """
 
 from __future__ import annotations
@@ -30,12 +31,10 @@ import torch
 import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 
-from purefine import models, ops, optim, train, tree
+from purefine import models, optim, train, tree
 from purefine.errors import ConfigError
-from purefine.models import llama
-
-SUPPORTED = ("llama",)
-LAYER = re.compile(r"model\.layers\.(\d+)\..*")
+from purefine.models import decoder
+from purefine.shard.gather import settle_grads
 
 
 def stage_ranges(num_layers: int, pp: int) -> list[range]:
@@ -51,24 +50,26 @@ def stage_ranges(num_layers: int, pp: int) -> list[range]:
 
 def check_model(model_cfg: Any, sizes: dict[str, int]) -> list[range]:
     """The stage ranges for ``model_cfg``, or a ConfigError if it cannot be pipelined."""
-    kind = getattr(model_cfg, "model_type", type(model_cfg).__name__)
-    if kind not in SUPPORTED:
-        raise ConfigError(f"--parallel.pp: pipeline parallelism supports {', '.join(SUPPORTED)} models, found {kind!r}")
-    if getattr(model_cfg, "tie_word_embeddings", False):
+    fam = models.family(model_cfg)
+    if not fam.causal:
+        raise ConfigError(f"--parallel.pp: pipeline parallelism runs causal language models, found {fam.name!r}")
+    if model_cfg.tie_word_embeddings:
         raise ConfigError("--parallel.pp: the model ties lm_head to the embedding (first and last stage); "
                           "pipeline parallelism needs untied embeddings")
     return stage_ranges(model_cfg.num_hidden_layers, sizes["pp"])
 
 
-def owner_stage(path: str, ranges: Sequence[range]) -> int:
-    """The stage that holds the tensor at ``path``."""
-    match = LAYER.fullmatch(path)
+def owner_stage(model_cfg: Any, path: str, ranges: Sequence[range]) -> int:
+    """The stage that holds the tensor at ``path``: its layer's stage; the family's ``first_stage``
+    modules on stage 0, its ``last_stage`` modules on the last."""
+    fam = models.family(model_cfg)
+    match = re.fullmatch(re.escape(fam.layers) + r"\.(\d+)\..*", path)
     if match:
         layer = int(match.group(1))
         return next(s for s, r in enumerate(ranges) if layer in r)
-    if path.startswith("model.embed_tokens."):
+    if path.startswith(tuple(m + "." for m in fam.first_stage)):
         return 0
-    if path.startswith(("model.norm.", "lm_head.")):
+    if path.startswith(tuple(m + "." for m in fam.last_stage)):
         return len(ranges) - 1
     raise ConfigError(f"--parallel.pp: don't know which pipeline stage holds {path!r}")
 
@@ -78,38 +79,29 @@ def meta_template(params: Any) -> Any:
     return tree.map(lambda x: torch.empty(tuple(x.shape), dtype=x.dtype, device="meta"), params)
 
 
-def stage_params(params: Any, ranges: Sequence[range], stage: int) -> Any:
+def stage_params(model_cfg: Any, params: Any, ranges: Sequence[range], stage: int) -> Any:
     """``params`` with the weights (tensors or leaf kinds) of other stages set to None."""
-    return tree.map_with_path(lambda p, x: x if owner_stage(p, ranges) == stage else None, params,
+    return tree.map_with_path(lambda p, x: x if owner_stage(model_cfg, p, ranges) == stage else None, params,
                               is_leaf=tree.is_leaf)
 
 
 def stage_forward(cfg: Any, params: dict, x: torch.Tensor | None, batch: dict, layers: range, *, last: bool,
                   gather: Any, remat: bool, chunk_size: int) -> Any:
     """Stage 0: tokens (B, T) -> hidden (B, T, D); middle: hidden -> hidden; last: -> (loss sum, n)."""
-    g = gather if gather is not None else (lambda subtree: subtree)
-    m, tokens = params["model"], batch["tokens"]
+    fam, tokens = models.family(cfg), batch["tokens"]
+    mask = decoder.batch_mask(batch)
     if x is None:
-        x = ops.embedding(tokens, g(m["embed_tokens"])["weight"])
-    positions = batch.get("positions")
-    positions = llama.default_positions(tokens) if positions is None else positions
-    inv_freq = ops.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).to(x.device)
-    cos, sin = ops.rope_cos_sin(inv_freq, positions, x.dtype)
-    mask = llama.prepare_mask(models.batch_mask(batch), tokens.shape[1], None)
-    for i in layers:
-        if remat and torch.is_grad_enabled():
-            x = checkpoint(_layer, g, cfg, m["layers"][i], x, cos, sin, mask, i, use_reentrant=False)
-        else:
-            x = _layer(g, cfg, m["layers"][i], x, cos, sin, mask, i)
+        x, ctx = decoder.prologue(fam, cfg, params, tokens, positions=batch.get("positions"), mask=mask, gather=gather)
+    else:
+        ctx = decoder.context(fam, cfg, tokens, positions=batch.get("positions"), mask=mask, dtype=x.dtype,
+                              device=x.device)
+    stack = fam.layer_list(params)
+    x = decoder.run_blocks(fam, cfg, [stack[i] for i in layers], x, ctx, first=layers.start, remat=remat,
+                           gather=gather)
     if not last:
         return x
-    h = ops.rms_norm(x, g(m["norm"])["weight"], cfg.rms_norm_eps)
-    w = g(llama.output_weight(cfg, params))
-    return ops.chunked_cross_entropy(h.reshape(-1, h.shape[-1]), w, batch["labels"].reshape(-1), chunk_size=chunk_size)
-
-
-def _layer(g: Any, cfg: Any, p: dict, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Any, i: int) -> torch.Tensor:
-    return llama.decoder_layer(cfg, g(p), x, cos, sin, mask, None, i)
+    h = fam.final(cfg, params, x, gather or (lambda subtree: subtree))
+    return decoder.lm_loss(fam, cfg, params, h, batch["labels"], chunk_size=chunk_size, gather=gather)
 
 
 def split_batch(batch: dict, n: int) -> list[dict]:
@@ -136,12 +128,13 @@ class Peers:
         self.device = layout.device
 
 
-def _activation_dtype(params: Any, layers: range, compute_dtype: torch.dtype | None) -> torch.dtype:
+def _activation_dtype(model_cfg: Any, params: Any, layers: range, compute_dtype: torch.dtype | None) -> torch.dtype:
     """The dtype of the activations between stages: the compute dtype, else that of this stage's
-    norm weights (cast with everything else, never quantized)."""
+    first layer's floating tensors (norm weights are cast with everything else, never quantized)."""
     if compute_dtype is not None:
         return compute_dtype
-    return params["model"]["layers"][layers[0]]["input_layernorm"]["weight"].dtype
+    layer = models.family(model_cfg).layer_list(params)[layers[0]]
+    return next(x.dtype for path, x in tree.leaves_with_paths(layer) if "norm" in path and x.is_floating_point())
 
 
 def _forward_all(cfg: Any, params: Any, chunks: list[dict], peers: Peers, layers: range, act_dtype: torch.dtype,
@@ -201,8 +194,6 @@ def make_pipeline_step(model_cfg: Any, optimizer: optim.Optimizer, layout: Any, 
                        compute_dtype: torch.dtype | None = None, skip_nonfinite: bool = False) -> Any:
     """The pipelined ``step(state, batch_or_micro_batches) -> (state, metrics)`` on this rank's stage
     (metrics as ``train.make_step``'s: loss, tokens, grad_norm, skipped — global on every rank)."""
-    from purefine.shard.layout import settle_grads
-
     ranges = check_model(model_cfg, layout.sizes)
     peers, layers = Peers(layout), ranges[layout.pp_rank]
     n_micro = layout.microbatches or layout.pp_size
@@ -214,7 +205,7 @@ def make_pipeline_step(model_cfg: Any, optimizer: optim.Optimizer, layout: Any, 
         total = layout.sum_over_dp(sum((c["labels"] != -100).sum() for c in chunks))
         leaves = {p: x.detach().requires_grad_() for p, x in train.trainable_leaves(state.params, trainable).items()}
         params = train.with_leaves(state.params, leaves)
-        act_dtype = _activation_dtype(state.params, layers, compute_dtype)
+        act_dtype = _activation_dtype(model_cfg, state.params, layers, compute_dtype)
         with torch.random.fork_rng(devices=[]):
             torch.set_rng_state(state.rng)
             records = _forward_all(model_cfg, params, chunks, peers, layers, act_dtype, compute_dtype, **opts)
@@ -243,7 +234,7 @@ def eval_loss_fn(model_cfg: Any, layout: Any, *, chunk_size: int = 1024) -> Any:
     peers, layers = Peers(layout), ranges[layout.pp_rank]
 
     def loss(params: Any, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        act_dtype = _activation_dtype(params, layers, None)
+        act_dtype = _activation_dtype(model_cfg, params, layers, None)
         (_, out), = _forward_all(model_cfg, params, [batch], peers, layers, act_dtype, None,
                                  gather=layout.gather, remat=False, chunk_size=chunk_size)
         pair = torch.stack([out[0].detach().double().cpu(), out[1].double().cpu()]) if peers.next is None \

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distribute_tensor
 
-from purefine import nf4, tree
+from purefine import models, nf4, tree
 from purefine.errors import ConfigError, TreeError
 from purefine.lora import LoRA
 
@@ -42,16 +42,8 @@ MESH_DIMS = ("dp_replicate", "dp_shard", "tp")
 COLWISE, ROWWISE = "colwise", "rowwise"
 Plan = Mapping[str, str]
 
-# The Llama family (Llama, Mistral, Qwen2): attention heads and MLP columns split over tp.
-LLAMA_PLAN: Plan = {
-    r".*\.self_attn\.(q|k|v)_proj\.(weight|bias)": COLWISE,
-    r".*\.self_attn\.o_proj\.(weight|bias)": ROWWISE,
-    r".*\.mlp\.(gate|up)_proj\.(weight|bias)": COLWISE,
-    r".*\.mlp\.down_proj\.(weight|bias)": ROWWISE,
-}
 # Families without a tensor-parallel table: data parallel and FSDP only.
 GENERIC_PLAN: Plan = {}
-PLANS: dict[str, Plan] = {"llama": LLAMA_PLAN, "mistral": LLAMA_PLAN, "qwen2": LLAMA_PLAN}
 
 # How a tp style maps onto a LoRA leaf's children (None: replicated over tp).
 LORA_STYLES: dict[str, dict[str, str | None]] = {
@@ -68,8 +60,8 @@ ERR_KIND = "{}: don't know how to shard a {} leaf (known: tensors, LoRA, NF4)"
 
 
 def plan_for(model_cfg: Any) -> Plan:
-    """The tensor-parallel plan of a model config's family (``GENERIC_PLAN`` when it has none)."""
-    return PLANS.get(getattr(model_cfg, "model_type", ""), GENERIC_PLAN)
+    """The tensor-parallel plan the config's family declares (``Family.tp_plan``; empty: none)."""
+    return models.family(model_cfg).tp_plan
 
 
 def style_of(path: str, plan: Plan) -> str | None:

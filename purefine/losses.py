@@ -1,0 +1,131 @@
+"""Losses over the layers of ``ops``: cross-entropy, chunked through the output projection.
+
+- ``cross_entropy(logits, labels)``: summed token loss in float32 and the number of labels.
+- ``chunked_cross_entropy(h, w, labels)``: the next-token loss over the output projection in
+  chunks of tokens, so a (tokens x vocab) logits tensor never exists whole; for a plain output
+  weight the gradients are formed chunk by chunk in forward (nothing is recomputed). An optional
+  final-logit soft-cap (Gemma-2's ``final_logit_softcapping``) is applied inside each chunk.
+- ``softcap(logits, cap)``: ``cap * tanh(logits / cap)``.
+
+Every loss returns ``(summed loss (float32), count)``: the training step divides by the count over
+all accumulated micro-batches, so k micro-batches equal one large batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from purefine.ops import IGNORE_INDEX, linear
+
+# The most logits one cross-entropy chunk holds (elements): 32 MiB in float32, whatever the vocabulary.
+LOGITS_BUDGET = 1 << 23
+
+
+def softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """logits (..., V) -> cap * tanh(logits / cap) (..., V); unchanged when ``cap`` is None."""
+    return logits if cap is None else torch.tanh(logits / cap) * cap
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits (N, V), labels (N,) -> (summed loss in float32, number of labels != -100)."""
+    loss = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss, (labels != IGNORE_INDEX).sum()
+
+
+def _chunk_loss(h: torch.Tensor, w: Any, labels: torch.Tensor, cap: float | None) -> torch.Tensor:
+    return cross_entropy(softcap(linear(h, w).float(), cap), labels)[0]
+
+
+def _linear_cross_entropy(h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, chunk_size: int, need_h: bool,
+                          need_w: bool, cap: float | None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(summed loss, dL/dh or None, dL/dw (float32) or None), one (chunk x V) logits block at a time."""
+    grad_h = torch.zeros_like(h) if need_h else None
+    grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
+    total = torch.zeros((), dtype=torch.float32, device=h.device)
+    for start in range(0, h.shape[0], chunk_size):
+        hc, lc = h[start : start + chunk_size], labels[start : start + chunk_size]
+        valid = lc != IGNORE_INDEX
+        if not bool(valid.any()):
+            continue
+        logits = F.linear(hc, w).float()
+        tanh = None
+        if cap is not None:
+            tanh = logits.div_(cap).tanh_()
+            logits = tanh * cap
+        lse = torch.logsumexp(logits, dim=-1)
+        target = lc.clamp(min=0)
+        total = total + ((lse - logits.gather(1, target[:, None])[:, 0]) * valid).sum()
+        if need_h or need_w:
+            d = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+            d[torch.arange(d.shape[0], device=d.device), target] -= 1.0
+            if tanh is not None:  # d/dz of cap * tanh(z / cap)
+                d.mul_(tanh.square_().neg_().add_(1.0))
+            d = d.mul_(valid[:, None]).to(h.dtype)
+            if need_h:
+                grad_h[start : start + chunk_size] = d @ w
+            if need_w:
+                grad_w += (d.t() @ hc).float()
+    return total, grad_h, grad_w
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of ``h @ wᵀ`` whose gradients are formed chunk by chunk in forward.
+
+    The loss is a scalar, so dL/dh and dL/dw are known as soon as each chunk's softmax is: they are
+    accumulated there and only they are saved (N x D, and V x D when w trains), never the logits,
+    and nothing is recomputed in backward (a checkpointed chunk would run the projection twice).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, chunk_size: int,
+                cap: float | None) -> torch.Tensor:
+        total, grad_h, grad_w = _linear_cross_entropy(h, w, labels, chunk_size, *ctx.needs_input_grad[:2], cap)
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.w_dtype = w.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
+        grad_h, grad_w = ctx.saved_tensors
+        gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
+        gw = (grad_w * grad_out).to(ctx.w_dtype) if grad_w is not None else None
+        return gh, gw, None, None, None
+
+
+def chunked_cross_entropy(
+    h: torch.Tensor, w: Any, labels: torch.Tensor, *, chunk_size: int = 1024, softcap: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """h (N, D) hidden states, w (V, D) output weight, labels (N,) -> (loss sum, label count).
+
+    The 2-D hidden states are chunked *before* the output projection (slicing a 3-D activation
+    per chunk would copy a frozen bf16 weight each time on CPU). For a plain weight the gradients
+    are formed chunk by chunk in forward (``_LinearCrossEntropy``); for a leaf kind (a LoRA'd
+    lm_head) each chunk is checkpointed and recomputed in backward. Either way at most one
+    (chunk x V) logits block is alive; ``chunk_size`` rows at most, fewer when the vocabulary is
+    large (``LOGITS_BUDGET`` elements per chunk). ``softcap`` caps the logits first (Gemma-2).
+    """
+    if h.dim() != 2:
+        raise ValueError(f"chunked_cross_entropy: expected 2-D hidden states (N, D), got {tuple(h.shape)}")
+    count = (labels != IGNORE_INDEX).sum()
+    chunk_size = min(chunk_size, max(64, LOGITS_BUDGET // max(1, w.shape[0])))
+    if type(w) is torch.Tensor:
+        if torch.is_grad_enabled() and (h.requires_grad or w.requires_grad):
+            return _LinearCrossEntropy.apply(h, w, labels, chunk_size, softcap), count
+        return _linear_cross_entropy(h, w, labels, chunk_size, False, False, softcap)[0], count
+    n = h.shape[0]
+    if n <= chunk_size:
+        return _chunk_loss(h, w, labels, softcap), count
+    total = h.new_zeros((), dtype=torch.float32)
+    for start in range(0, n, chunk_size):
+        sl = slice(start, start + chunk_size)
+        if not (labels[sl] != IGNORE_INDEX).any():
+            continue
+        if torch.is_grad_enabled():
+            total = total + checkpoint(_chunk_loss, h[sl], w, labels[sl], softcap, use_reentrant=False)
+        else:
+            total = total + _chunk_loss(h[sl], w, labels[sl], softcap)
+    return total, count

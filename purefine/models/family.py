@@ -1,0 +1,141 @@
+"""What a model family declares: the ``Family`` record, the ``ModelConfig`` base, the block ``Context``.
+
+A family is one file of differences plus a line in ``registry.py``. It defines a frozen config
+dataclass (a ``ModelConfig``: ``from_hf`` / ``to_hf`` / ``param_shapes`` and the per-layer attributes
+the shared forward reads), its presets, the pure functions that differ (``embed``, ``block``,
+``final``), and one ``Family`` record naming them with everything else the house needs: LoRA
+targets, the tensor-parallel plan, the pipeline split points, checkpoint quirks. ``decoder.py``
+runs every family through the same prologue, layer loop and epilogue; nothing outside the family
+file probes it (no ``hasattr``): what it can do is a field here.
+
+    FAMILY = Family(name="llama", model_types=("llama",), config=LlamaConfig, presets=PRESETS,
+                    embed=embed, block=block, final=final, output_weight=output_weight)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from purefine import ops
+
+Gather = Callable[[Any], Any]
+
+
+class ModelConfig:
+    """What the shared forward reads of every family's config (frozen dataclasses inherit it).
+
+    Field names stay the HF ones; a family whose HF names differ (GPT-2's ``n_layer``) adds the
+    properties ``num_hidden_layers``, ``hidden_size``, ``num_key_value_heads`` and ``head_dim``.
+    """
+
+    model_type: ClassVar[str]
+
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        """{HF tensor name: shape} in the order ``init`` creates them (purefine's (out, in) layout)."""
+        raise NotImplementedError
+
+    @property
+    def num_params(self) -> int:
+        """Parameter count, from shapes alone."""
+        return sum(math.prod(s) for s in self.param_shapes().values())
+
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding attention window of layer ``layer`` (None: every earlier key)."""
+        return None
+
+    @property
+    def logit_softcap(self) -> float | None:
+        """The final logit soft-cap (Gemma-2's ``final_logit_softcapping``), or None."""
+        return None
+
+    def to_hf(self, dtype: torch.dtype | None = None) -> dict:
+        """A Hugging Face ``config.json`` dict."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Context:
+    """What every block of one forward shares: positions (B, T), the rotary cos / sin (B, T, R) or
+    None, one prepared attention mask per layer (None = plain causal), and the KV cache or None."""
+
+    positions: torch.Tensor
+    cos: torch.Tensor | None
+    sin: torch.Tensor | None
+    masks: tuple[torch.Tensor | None, ...]
+    cache: ops.KVCache | None = None
+
+
+def normal_init(cfg: Any, name: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+    """HF's init (float32, CPU): ones for norm weights, zeros for biases, N(0, initializer_range) else."""
+    if name.endswith("norm.weight"):
+        return torch.ones(shape)
+    if name.endswith(".bias"):
+        return torch.zeros(shape)
+    return torch.empty(shape).normal_(0.0, cfg.initializer_range, generator=gen)
+
+
+def same_name(cfg: Any, name: str) -> str | None:
+    """A checkpoint tensor's params name: itself (no legacy names to read)."""
+    return name
+
+
+def no_fields(cfg: Any) -> dict:
+    """No adapter_config.json fields of the family's own."""
+    return {}
+
+
+@dataclass(frozen=True)
+class Family:
+    """A model family, declared.
+
+    - ``name``, ``model_types`` (the HF ``model_type`` values it reads), ``config`` (its
+      ``ModelConfig`` dataclass with ``from_hf(dict, source)``), ``presets`` (name -> config).
+    - ``embed(cfg, params, tokens, ctx, gather, extra) -> x (B, T, D)``; ``block(cfg, p, x, ctx, i)
+      -> x`` (one layer, pure; per-layer attributes from the config); ``final(cfg, params, x, gather)
+      -> h`` (the final norm); ``output_weight(cfg, params)`` (the (V, D) head, tied or not).
+    - ``layers``: dotted path of the list of layer params; ``first_stage`` / ``last_stage``: the
+      top-level modules the first and last pipeline stage hold (the split points are between layers).
+    - ``causal`` (False: bidirectional, BERT), ``rotary`` (the context carries RoPE cos / sin).
+    - ``lora_targets`` (peft's default), ``linear_layers`` (``all-linear`` and QLoRA's NF4 set),
+      ``tp_plan`` ({weight regex: colwise | rowwise}; empty: data parallel and FSDP only).
+    - ``init_tensor(cfg, name, shape, generator)``; ``hf_transposed`` (regex of weights HF files
+      store (in, out): GPT-2's Conv1D); ``checkpoint_name(cfg, file name) -> params name or None``
+      (legacy names, skipped buffers); ``peft_fields(cfg)`` (adapter_config fields of its own).
+    - ``head(cfg, params, h, gather) -> logits`` and ``loss(cfg, chunk_size, remat, gather)``:
+      None for language models; an encoder's task heads (BERT) replace them.
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    config: type
+    presets: Mapping[str, Any]
+    embed: Callable[..., torch.Tensor]
+    block: Callable[..., torch.Tensor]
+    final: Callable[..., torch.Tensor]
+    output_weight: Callable[[Any, dict], Any]
+    layers: str = "model.layers"
+    first_stage: tuple[str, ...] = ("model.embed_tokens",)
+    last_stage: tuple[str, ...] = ("model.norm", "lm_head")
+    causal: bool = True
+    rotary: bool = True
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    linear_layers: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    tp_plan: Mapping[str, str] = field(default_factory=dict)
+    init_tensor: Callable[[Any, str, tuple[int, ...], torch.Generator], torch.Tensor] = normal_init
+    hf_transposed: str | None = None
+    checkpoint_name: Callable[[Any, str], str | None] = same_name
+    peft_fields: Callable[[Any], dict] = no_fields
+    head: Callable[..., torch.Tensor] | None = None
+    loss: Callable[..., Any] | None = None
+
+    def layer_list(self, params: dict) -> list:
+        """The list of per-layer params trees at ``self.layers``."""
+        node: Any = params
+        for part in self.layers.split("."):
+            node = node[part]
+        return node
