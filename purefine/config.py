@@ -259,6 +259,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         if inner != getattr(defaults, name) and inner != outer:
             raise ConfigError(f"--data.{name.replace('_', '-')} ({inner}) disagrees with {flag} ({outer}); "
                               f"set {flag} only: the trainer passes it to the data pipeline")
+    if cfg.task in ("classify", "mlm") and cfg.peft == "qlora":
+        raise ConfigError("--peft qlora: not supported with --task classify / mlm; use lora, dora or none")
     if cfg.num_labels is not None and cfg.num_labels < 2:
         raise ConfigError(f"--num-labels: a classifier needs at least 2 classes, found {cfg.num_labels}")
     if not 0.0 <= cfg.lora.dropout < 1.0:

@@ -32,7 +32,8 @@ from purefine import optim, tree
 from purefine.errors import ConfigError
 
 Batch = dict[str, torch.Tensor]
-LossFn = Callable[[Any, Batch], tuple[torch.Tensor, torch.Tensor]]
+# (params, batch) -> (summed loss, count) or (summed loss, count, {metric: summed value})
+LossFn = Callable[[Any, Batch], tuple]
 Filter = Callable[[str, Any], bool]
 
 
@@ -120,38 +121,43 @@ def cast_params(params: Any, dtype: torch.dtype | None) -> Any:
     return tree.map(cast, params, is_leaf=tree.is_leaf)
 
 
-def _count(batch: Batch) -> torch.Tensor:
+def labelled_tokens(batch: Batch) -> torch.Tensor:
+    """The default normalizer of a batch: the positions of ``labels`` (B, T) (or (B,)) that are not -100, as a () tensor."""
     return (batch["labels"] != -100).sum()
 
 
 def make_step(
     loss_fn: LossFn, optimizer: optim.Optimizer, *, trainable: Filter = all_floating, clip_norm: float | None = None,
     compute_dtype: torch.dtype | None = None, skip_nonfinite: bool = False,
+    count: Callable[[Batch], torch.Tensor] = labelled_tokens,
     sync_count: Callable[[torch.Tensor], torch.Tensor] | None = None,
     sync_grads: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
 ) -> Callable[[TrainState, Batch | Sequence[Batch]], tuple[TrainState, dict[str, float]]]:
     """Build ``step(state, batch_or_micro_batches) -> (new_state, metrics)``.
 
     A list of micro-batches is one optimizer step with gradients accumulated; the loss is the
-    sum of token losses over all of them divided by their total labelled-token count.
+    sum of per-item losses over all of them divided by their total ``count`` (labelled tokens by
+    default; a task may count examples or pairs). A loss that returns ``(sum, n, sums)`` has each of
+    its ``sums`` reported the same way (a metric per item: accuracy, rewards).
     ``sync_count`` / ``sync_grads`` all-reduce across data-parallel ranks. With
     ``skip_nonfinite`` a step whose loss or gradient norm is not finite leaves params and
-    optimizer state unchanged (``metrics['skipped'] = 1``). Metrics: loss, tokens, grad_norm,
-    skipped.
+    optimizer state unchanged (``metrics['skipped'] = 1``). Metrics: loss, tokens (the count),
+    grad_norm, skipped, and the loss's own.
     """
     grad_fn = value_and_grad(lambda p, b, total: _scaled_loss(loss_fn, cast_params(p, compute_dtype), b, total),
                              trainable, has_aux=True)
 
     def step(state: TrainState, batch: Batch | Sequence[Batch]) -> tuple[TrainState, dict[str, float]]:
         micro = [batch] if isinstance(batch, dict) else list(batch)
-        total = sum((_count(b) for b in micro), torch.zeros((), dtype=torch.long))
+        total = sum((count(b) for b in micro), torch.zeros((), dtype=torch.long))
         total = sync_count(total) if sync_count is not None else total
-        loss, grads = torch.zeros((), dtype=torch.float32), None
+        loss, grads, sums = torch.zeros((), dtype=torch.float32), None, {}
         with torch.random.fork_rng(devices=[]):
             torch.set_rng_state(state.rng)
             for b in micro:
-                (scaled, _), g = grad_fn(state.params, b, total)
+                (scaled, extra), g = grad_fn(state.params, b, total)
                 loss = loss + scaled.detach().float()
+                sums = {k: sums.get(k, 0.0) + v for k, v in extra.items()}
                 grads = g if grads is None else {p: grads[p].add_(g[p]) for p in grads}
             rng = torch.get_rng_state()
         if sync_grads is not None:
@@ -159,6 +165,7 @@ def make_step(
         norm = optim.global_norm(grads)
         loss_value, norm_value = float(loss), float(norm)
         metrics = {"loss": loss_value, "tokens": int(total), "grad_norm": norm_value, "skipped": 0}
+        metrics |= {k: float(v) for k, v in sums.items()}
         if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
             metrics["nonfinite_grads"] = nonfinite_paths(grads)
             if skip_nonfinite:
@@ -186,9 +193,12 @@ def nonfinite_paths(tensors: dict[str, torch.Tensor], limit: int = 10) -> list[s
     return bad
 
 
-def _scaled_loss(loss_fn: LossFn, params: Any, batch: Batch, total: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    loss_sum, n = loss_fn(params, batch)
-    return loss_sum / total.clamp(min=1).to(loss_sum.device), n
+def _scaled_loss(loss_fn: LossFn, params: Any, batch: Batch, total: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """(loss sum / total, {metric: its sum / total, detached})."""
+    out = loss_fn(params, batch)
+    denominator = total.clamp(min=1).to(out[0].device)
+    extra = {k: (v.detach().double() / denominator).cpu() for k, v in (out[2] if len(out) > 2 else {}).items()}
+    return out[0] / denominator, extra
 
 
 def _clip(grads: dict[str, torch.Tensor], norm: torch.Tensor, max_norm: float) -> dict[str, torch.Tensor]:

@@ -17,7 +17,7 @@ import purefine as pf
 from purefine.config import LoraConfig, OptimConfig, TrainConfig
 from purefine.data import DataConfig
 from purefine.errors import ConfigError, DataError
-from purefine.recipes import classify
+from purefine.recipes.tasks import classify_data as classify
 from purefine.recipes.train import main
 from tests.conftest import ROOT
 

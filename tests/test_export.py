@@ -151,7 +151,7 @@ def write_run(run_dir: Path, cfg: TrainConfig, params: dict, model_cfg) -> None:
 @pytest.mark.parametrize("peft", ["lora", "qlora"])
 def test_export_from_a_random_init_run(tmp_path, peft):
     """A demo-style run (a preset's seeded random init, NF4 for QLoRA): the base is rebuilt from config.yaml."""
-    from purefine.recipes.train import load_model
+    from purefine.recipes.setup import load_model
 
     cfg = TrainConfig(model="llama-debug", peft=peft, seed=7, output_dir=str(tmp_path / "run"))
     model_cfg, base = load_model(cfg, torch.device("cpu"))

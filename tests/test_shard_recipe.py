@@ -14,6 +14,7 @@ import torch
 from purefine import checkpoint, data, models, shard
 from purefine.config import TrainConfig
 from purefine.errors import ConfigError
+from purefine.recipes import setup
 from purefine.recipes import train as recipe
 from tests.test_shard_parallel import one_thread, torchrun
 
@@ -31,7 +32,7 @@ def flags(**values: object) -> list[str]:
 
 def eval_set(cfg: TrainConfig, model_cfg: object) -> data.TokenizedDataset:
     """The held-out set exactly as the recipe builds it."""
-    tokenizer = data.load_tokenizer(recipe.tokenizer_path(cfg), model_vocab_size=model_cfg.vocab_size)
+    tokenizer = data.load_tokenizer(setup.tokenizer_path(cfg), model_vocab_size=model_cfg.vocab_size)
     return data.build_eval(dataclasses.replace(cfg.data, max_seq_len=cfg.max_seq_len, seed=cfg.seed), tokenizer)
 
 
@@ -41,6 +42,18 @@ def eval_logits(cfg: TrainConfig, model_cfg: object, params: dict) -> torch.Tens
                                  shuffle=False, loop=False))
     return models.forward(model_cfg, params, batch["tokens"], positions=batch["positions"],
                           mask=models.batch_mask(batch))
+
+
+def eval_loss(cfg: TrainConfig, model_cfg: object, params: dict) -> float:
+    """The mean held-out loss over the first ``--eval-batches`` batches, as the loop computes it."""
+    total, count = 0.0, 0
+    stream = data.batches(eval_set(cfg, model_cfg), batch_size=cfg.batch_size, seq_len=cfg.max_seq_len,
+                          packing=cfg.data.packing, shuffle=False, loop=False)
+    with torch.no_grad():
+        for _, (batch, _) in zip(range(cfg.eval_batches), stream):
+            loss_sum, n = models.loss_fn(model_cfg)(params, batch)
+            total, count = total + float(loss_sum), count + int(n)
+    return total / count
 
 
 @pytest.fixture(scope="module")
@@ -56,9 +69,9 @@ def test_torchrun_run_saves_an_adapter_that_one_process_loads_with_the_same_resu
     assert summary["steps"] == 3 and (two_process_run / "adapter" / "adapter_model.safetensors").exists()
     cfg = TrainConfig(batch_size=2, output_dir=str(two_process_run), **FLAGS)
     with one_thread():
-        model_cfg, base = recipe.load_model(cfg, torch.device("cpu"))
+        model_cfg, base = setup.load_model(cfg, torch.device("cpu"))
         params = checkpoint.load_peft(two_process_run / "adapter", base)
-        again = recipe.evaluate_loss(model_cfg, params, eval_set(cfg, model_cfg), cfg, torch.device("cpu"), torch.float32)
+        again = eval_loss(cfg, model_cfg, params)
     # the held-out loss the 2 ranks computed from their shards at the end = one process from the files
     assert again == pytest.approx(summary["eval_loss_end"], abs=1e-6)
     assert summary["eval_loss_end"] != pytest.approx(summary["eval_loss_start"], abs=1e-6)
@@ -69,7 +82,7 @@ def test_torchrun_run_equals_a_one_process_run_of_the_same_global_batch(two_proc
     cfg = TrainConfig(batch_size=4, output_dir=str(tmp_path / "one"), **FLAGS)
     with one_thread():
         one = recipe.main(cfg)
-        model_cfg, base = recipe.load_model(cfg, torch.device("cpu"))
+        model_cfg, base = setup.load_model(cfg, torch.device("cpu"))
         logits_one = eval_logits(cfg, model_cfg, checkpoint.load_peft(tmp_path / "one" / "adapter", base))
         logits_two = eval_logits(cfg, model_cfg, checkpoint.load_peft(two_process_run / "adapter", base))
     assert two["losses"] == pytest.approx(one["losses"], abs=1e-5, rel=0)

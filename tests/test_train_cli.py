@@ -38,7 +38,7 @@ def test_lora_run_lowers_the_loss_and_saves_a_peft_adapter(tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    base_dir = pf.recipes.train.checkpoint_source(demo(tmp_path))
+    base_dir = pf.recipes.setup.checkpoint_source(demo(tmp_path))
     cfg, base = pf.checkpoint.load_hf(base_dir, dtype=torch.float32)
     tuned = pf.checkpoint.load_peft(out / "adapter", base)
     tokens = torch.randint(0, cfg.vocab_size, (2, 12))

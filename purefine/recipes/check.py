@@ -63,7 +63,7 @@ def purefine_outputs(model_cfg: Any, params: dict, tokens: torch.Tensor) -> tupl
     layers: list[torch.Tensor] = []
     with torch.no_grad():
         h, _ = models.hidden_states(model_cfg, params, tokens, observe=lambda i, x: layers.append(x.float().cpu()))
-        logits = ops.linear(h, models.output_weight(model_cfg, params)).float().cpu()
+        logits = models.logits(model_cfg, params, h).float().cpu()
     return layers, logits
 
 
@@ -112,7 +112,7 @@ def main(cfg: CheckConfig) -> dict:
         raise ConfigError("check: transformers is not installed (pip install transformers); it is the reference") from None
     device, dtype = pick_device(cfg.device), DTYPES[cfg.dtype]
     model_cfg, params = checkpoint.load_hf(cfg.checkpoint_dir, dtype=dtype, device=device)
-    if hasattr(models.family(model_cfg), "loss_fn"):
+    if not models.family(model_cfg).causal:
         raise ConfigError(f"--checkpoint-dir {cfg.checkpoint_dir}: a {model_cfg.model_type} checkpoint; "
                           "the check compares causal language models")
     tokens = torch.randint(0, model_cfg.vocab_size, (cfg.batch_size, cfg.seq_len),

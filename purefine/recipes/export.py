@@ -23,6 +23,7 @@ import torch
 
 from purefine import checkpoint, lora
 from purefine.errors import ConfigError
+from purefine.recipes import setup
 from purefine.recipes.loading import LoadedModel, ModelSource, check_source, load_model, pick_device
 
 
@@ -70,9 +71,7 @@ def check(cfg: ExportConfig) -> Path:
 
 def tokenizer_files(loaded: LoadedModel) -> dict[str, Path]:
     """{file name: source} of the model's tokenizer files, to copy beside the export."""
-    from purefine.recipes.train import tokenizer_files as train_tokenizer_files
-
-    return train_tokenizer_files(loaded.tokenizer_path) if loaded.tokenizer_path is not None else {}
+    return setup.tokenizer_files(loaded.tokenizer_path) if loaded.tokenizer_path is not None else {}
 
 
 def export_hf(out: Path, loaded: LoadedModel, dtype: torch.dtype, max_shard_bytes: int) -> Path:

@@ -34,7 +34,7 @@ def _human(n: float, unit: str = "") -> str:
 def summary(cfg: InspectConfig) -> dict:
     """The summary dict that ``main`` prints."""
     if cfg.list:
-        return {"presets": {name: models.family(c).Config.num_params.fget(c) for name, c in models.presets().items()}}
+        return {"presets": {name: c.num_params for name, c in models.presets().items()}}
     if (cfg.checkpoint_dir is None) == (cfg.model is None):
         raise ConfigError("inspect: give exactly one of --checkpoint-dir or --model")
     if cfg.checkpoint_dir is not None:

@@ -23,6 +23,8 @@ import torch
 
 from purefine import checkpoint, models
 from purefine.errors import CheckpointError, ConfigError
+from purefine.recipes import setup
+from purefine.recipes.setup import pick_device  # noqa: F401  (the scripts' --device, as training's)
 
 DType = Literal["auto", "fp32", "bf16"]
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
@@ -57,13 +59,6 @@ class LoadedModel:
     """The chat template the run trained with (None outside a run directory)."""
 
 
-def pick_device(name: str) -> torch.device:
-    """``auto`` -> cuda if available else cpu; an unavailable cuda is a ConfigError naming --device."""
-    from purefine.recipes.train import pick_device as train_pick_device
-
-    return train_pick_device(name)
-
-
 def compute_dtype(name: DType, device: torch.device, quantized: bool) -> torch.dtype:
     """The activation dtype: ``auto`` = bf16 on CUDA or for an NF4 base (as QLoRA trains), else fp32."""
     if name == "auto":
@@ -96,9 +91,8 @@ def _first_tokenizer(*dirs: Path | None) -> Path | None:
 
 
 def load_run(run_dir: Path, *, device: torch.device) -> LoadedModel:
-    """A training output: the base rebuilt from config.yaml (as ``train.load_model`` made it), then the adapter."""
+    """A training output: the base rebuilt from config.yaml (as ``setup.load_model`` made it), then the adapter."""
     from purefine.config import load_preset
-    from purefine.recipes import train
 
     config_file = run_dir / "config.yaml"
     if not run_dir.is_dir():
@@ -109,18 +103,18 @@ def load_run(run_dir: Path, *, device: torch.device) -> LoadedModel:
     template = train_cfg.data.template
     if (run_dir / "model").is_dir():
         cfg, params = checkpoint.load_hf(run_dir / "model", device=device)
-        tok = _first_tokenizer(run_dir / "model") or train.tokenizer_path(train_cfg)
+        tok = _first_tokenizer(run_dir / "model") or setup.tokenizer_path(train_cfg)
         return LoadedModel(cfg, params, Path(tok), str(run_dir / "model"), template)
     if not (run_dir / "adapter").is_dir():
         raise CheckpointError(f"--run-dir {run_dir}: neither adapter/ nor model/ found; did the run finish?")
     if train_cfg.checkpoint_dir is not None and not Path(train_cfg.checkpoint_dir).is_dir():
         raise CheckpointError(f"{config_file}: checkpoint_dir {train_cfg.checkpoint_dir!r} not found "
                               "(relative paths are read from the current directory)")
-    cfg, params = train.load_model(train_cfg, device)
+    cfg, params = setup.load_model(train_cfg, device)
     params = checkpoint.load_peft(run_dir / "adapter", params)
-    source = train.checkpoint_source(train_cfg)  # --checkpoint-dir, a preset's bundled weights, or None
+    source = setup.checkpoint_source(train_cfg)  # --checkpoint-dir, a preset's bundled weights, or None
     base = str(source) if source is not None else train_cfg.model
-    return LoadedModel(cfg, params, Path(train.tokenizer_path(train_cfg)), base, template)
+    return LoadedModel(cfg, params, Path(setup.tokenizer_path(train_cfg)), base, template)
 
 
 def load_checkpoint(source: ModelSource, *, device: torch.device, dtype: torch.dtype) -> LoadedModel:

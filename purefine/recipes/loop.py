@@ -1,0 +1,159 @@
+"""The one training loop every task runs: step, accumulate, log, evaluate, save, resume, guard.
+
+    summary = run(cfg, task, layout, state, step_fn, schedule, total_steps, out, ...)
+
+- Steps until ``total_steps`` (or ``--stop-after`` steps of this invocation), ``--grad-accum``
+  micro-batches per step, from the task's stream at this data-parallel rank.
+- Logs every step on the main rank (stdout every ``--log-every``, metrics.jsonl, TensorBoard /
+  W&B, the progress bar, loss.png); ``--profile``, ``--debug-stats`` and ``--memory-report`` hooks.
+- Evaluates the held-out set at the start, every ``--eval-every`` steps and at the end: the mean
+  loss and the task's own metrics (``eval_accuracy``, ...), over the first ``--eval-batches`` batches.
+- Saves resumable checkpoints every ``--save-every`` steps (and on Ctrl-C with
+  ``--save-on-interrupt``); ``--resume`` continues the same step, RNG and data position.
+- Stops on a non-finite loss or gradient (naming the step, leaves and last good checkpoint) unless
+  ``--nan-policy skip``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from purefine import data, debug, train
+from purefine.config import TrainConfig
+from purefine.configio import to_dict
+from purefine.logging import MetricsLogger, peak_memory_bytes
+from purefine.recipes import resume
+from purefine.recipes.setup import to_device
+from purefine.recipes.tasks.base import Task
+
+
+def count_steps(cfg: TrainConfig, task: Task, world_size: int) -> int:
+    """Optimizer steps of the run: --max-steps, else --epochs passes over the training data."""
+    if cfg.max_steps is not None:
+        return cfg.max_steps
+    state, n = data.SamplerState(seed=cfg.seed), 0
+    while True:
+        rows, state = data.plan_rows(task.train_set.lengths, state, rows=cfg.batch_size * world_size,
+                                     seq_len=cfg.max_seq_len, packing=task.packing, shuffle=cfg.data.shuffle, loop=False)
+        if not rows:
+            break
+        n += 1
+    return max(1, -(-n * cfg.epochs // cfg.grad_accum))
+
+
+def evaluate(task: Task, loss_fn: Any, params: Any, cfg: TrainConfig, device: torch.device,
+             dtype: torch.dtype) -> dict[str, float] | None:
+    """{"loss": mean, metric: mean, ...} over the first ``--eval-batches`` held-out batches (every
+    rank evaluates the same ones), or None without held-out data."""
+    if task.eval_set is None or cfg.eval_batches == 0:
+        return None
+    total, count, sums = 0.0, 0, {}
+    compute = train.cast_params(params, dtype if dtype != torch.float32 else None)
+    stream = task.stream(task.eval_set, data.SamplerState(seed=cfg.seed), shuffle=False, loop=False)
+    with torch.no_grad():
+        for i, (batch, _) in enumerate(stream):
+            if i == cfg.eval_batches:
+                break
+            out = loss_fn(compute, to_device(batch, device))
+            total, count = total + float(out[0]), count + int(out[1])
+            for k, v in (out[2] if len(out) > 2 else {}).items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+    if not count:
+        return None
+    return {"loss": total / count, **{k: v / count for k, v in sums.items()}}
+
+
+def _eval_line(when: str, result: dict[str, float] | None) -> str | None:
+    if result is None:
+        return None
+    return " | ".join(f"eval_{k} {when} {v:.4f}" if k == "loss" else f"eval_{k} {v:.3f}" for k, v in result.items())
+
+
+def run(cfg: TrainConfig, task: Task, layout: Any, state: train.TrainState, step_fn: Any, schedule: Any,
+        total_steps: int, out: Path, device: torch.device, dtype: torch.dtype, trainable: Any) -> dict:
+    """Step to the end (see the module doc); returns the summary, with the final state under ``state``."""
+    state, resumed = resume.maybe_resume(cfg, out, state, trainable, layout)
+    sampler = data.SamplerState.from_dict(state.data_position) if resumed else data.SamplerState(seed=cfg.seed)
+    stream = task.stream(task.train_set, sampler, shuffle=cfg.data.shuffle, loop=True, rank=layout.dp_rank,
+                         world_size=layout.dp_size)
+    eval_loss = layout.loss_fn(task.model_cfg, loss=task.loss)
+    stop = min(total_steps, state.step + cfg.stop_after) if cfg.stop_after else total_steps
+    n_trainable = sum(x.numel() for _, x in train.trainable_leaves(state.params, trainable).items())
+    losses: list[float] = []
+    logger_cls = MetricsLogger if layout.is_main else _SilentLogger
+    with logger_cls(out, every=cfg.log_every, total_steps=total_steps, tensorboard=cfg.tensorboard,
+                    wandb=cfg.wandb, progress=cfg.progress, plot=cfg.plot, config=to_dict(cfg)) as logger:
+        what = f" ({task.header})" if task.header else ""
+        logger.write(f"model {task.model_cfg.model_type}{what} | {cfg.peft} | trainable {n_trainable:,} params | "
+                     f"{len(task.train_set)} samples | {total_steps} steps | {dtype} on {device}"
+                     + (f" | resumed from {resumed} at step {state.step}" if resumed else ""))
+        hooks = debug.TrainHooks(cfg, out, task.model_cfg, trainable, dtype, device, world_size=layout.world_size,
+                                 is_main=layout.is_main, write=logger.write)  # --profile, --debug-stats, --memory-report
+        start = None if resumed else evaluate(task, eval_loss, state.params, cfg, device, dtype)
+        if (line := _eval_line("at start", start)) is not None:
+            logger.write(line)
+        try:
+            while state.step < stop:
+                micro = []
+                for _ in range(cfg.grad_accum):
+                    batch, sampler = next(stream)
+                    micro.append(to_device(batch, device))
+                t0 = time.perf_counter()
+                lr = schedule(state.step)
+                state, metrics = hooks.step(step_fn, state, micro)
+                resume.check_finite(metrics, state.step, out)
+                seconds = time.perf_counter() - t0
+                state = state.replace(data_position=sampler.to_dict())
+                metrics |= {"lr": lr, "tokens_per_s": metrics["tokens"] / seconds, "seconds": seconds,
+                            "peak_memory": peak_memory_bytes(device)}
+                if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < total_steps:
+                    now = evaluate(task, eval_loss, state.params, cfg, device, dtype) or {}
+                    metrics |= {f"eval_{k}": v for k, v in now.items()}
+                losses.append(metrics["loss"])
+                logger.log(state.step, {k: v for k, v in metrics.items() if k != "nonfinite_grads"})
+                hooks.after_step(state, micro)
+                if cfg.save_every and (state.step % cfg.save_every == 0 or state.step == stop):
+                    resume.save(out, state, trainable, layout, cfg.keep_last)
+        except KeyboardInterrupt:
+            if cfg.save_on_interrupt:
+                path = resume.save(out, state, trainable, layout, cfg.keep_last)
+                logger.write(f"interrupted at step {state.step}: saved {path} (resume with --resume latest)")
+            raise
+        hooks.close()
+        end = evaluate(task, eval_loss, state.params, cfg, device, dtype)
+        if end is not None and logger.history:
+            logger.history[-1] |= {f"eval_{k}": v for k, v in end.items()}
+        if (line := _eval_line("at end", end)) is not None:
+            logger.write(line)
+    k = max(1, min(5, len(losses)))
+    summary = {"task": task.name, "steps": state.step, "losses": losses,
+               "first_loss": sum(losses[:k]) / k if losses else None,
+               "last_loss": sum(losses[-k:]) / k if losses else None, "peak_memory": peak_memory_bytes(device),
+               "trainable_params": n_trainable, "resumed_from": str(resumed) if resumed else None, **task.facts}
+    for when, result in (("start", start), ("end", end)):
+        keys = set(result or {}) | set(end or {}) | {"loss"}
+        summary |= {f"eval_{k}_{when}": (result or {}).get(k) for k in sorted(keys)}
+    return summary | {"state": state}
+
+
+class _SilentLogger:
+    """The logger of the ranks other than the main one: keeps the history, writes nothing."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        self.history: list[dict] = []
+
+    def __enter__(self) -> _SilentLogger:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+    def write(self, line: str) -> None:
+        return None
+
+    def log(self, step: int, metrics: dict) -> None:
+        self.history.append({"step": step, **metrics})

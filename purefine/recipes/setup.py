@@ -1,0 +1,160 @@
+"""What every training run sets up the same way, whatever its task: device and dtype, the output
+directory, the model (checkpoint, bundled weights or random init; NF4 for QLoRA), the tokenizer
+path, the PEFT transform and the optimizer with its schedule.
+
+The train recipe composes these with a task (``recipes.tasks``) and the loop (``recipes.loop``);
+generate / eval / export reuse the model pieces through ``recipes.loading``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from purefine import checkpoint, data, fsutil, lora, models, nf4, optim, schedules, train
+from purefine.config import TrainConfig
+from purefine.errors import ConfigError
+
+# Presets that ship pretrained weights inside the package (the demo base model).
+BUNDLED_DIR = Path(data.ASSETS_DIR)
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja")
+
+
+def bundled_checkpoint(model: str) -> Path | None:
+    """The bundled pretrained checkpoint of a preset (``llama-tiny``), or None."""
+    path = BUNDLED_DIR / model
+    return path if (path / "config.json").exists() else None
+
+
+def checkpoint_source(cfg: TrainConfig) -> Path | None:
+    """The checkpoint a run starts from: --checkpoint-dir, else the preset's bundled weights
+    (``--init auto``), else None (random init)."""
+    if cfg.init == "random":
+        return None
+    if cfg.checkpoint_dir is not None:
+        return Path(cfg.checkpoint_dir)
+    return bundled_checkpoint(cfg.model) if cfg.init == "auto" else None
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto`` -> cuda if available else cpu; an unavailable cuda is a ConfigError naming --device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available on this machine")
+    return torch.device(name)
+
+
+def compute_dtype(cfg: TrainConfig) -> torch.dtype:
+    """The compute dtype: bf16 for ``--dtype bf16``, and for QLoRA under ``auto`` (as the paper)."""
+    if cfg.dtype == "bf16" or (cfg.dtype == "auto" and cfg.peft == "qlora"):
+        return torch.bfloat16
+    return torch.float32
+
+
+def prepare_output_dir(path: str) -> Path:
+    """Create ``path`` and prove it is writable, or raise a ConfigError naming it."""
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fsutil.atomic_write(out / ".write-test", b"ok")
+        (out / ".write-test").unlink()
+    except OSError as e:
+        raise ConfigError(f"--output-dir {path}: cannot write there ({e.strerror or e})") from None
+    return out
+
+
+def load_model(cfg: TrainConfig, device: torch.device, layout: Any = None) -> tuple[Any, dict]:
+    """(model config, params): from --checkpoint-dir, the bundled weights, or a random init of --model;
+    NF4 for QLoRA. Under a mesh (``layout``) each rank reads only its own slices of the checkpoint."""
+    dtype = compute_dtype(cfg)
+    frozen_dtype = dtype if cfg.peft != "none" else torch.float32  # full FT keeps fp32 masters
+    source = checkpoint_source(cfg)
+    if source is not None:
+        model_cfg = checkpoint.read_config(source)[0]
+    else:
+        model_cfg = models.preset(cfg.model) if cfg.checkpoint_dir is None else checkpoint.read_config(cfg.checkpoint_dir)[0]
+    quantize = models.quantize_pattern(model_cfg) if cfg.peft == "qlora" else None
+    if source is not None:
+        sliced = layout is not None and cfg.peft != "dora"  # DoRA's magnitude is set from whole weights
+        reader = layout.checkpoint_reader(model_cfg, dtype=frozen_dtype, quantize=quantize) if sliced else None
+        return checkpoint.load_hf(source, dtype=frozen_dtype, quantize=quantize, device=device, reader=reader)
+    hook = nf4.quantize_hook(quantize) if quantize is not None else None
+    return model_cfg, models.init(model_cfg, seed=cfg.seed, dtype=frozen_dtype, device=device, hook=hook)
+
+
+def tokenizer_files(path: Path) -> dict[str, Path]:
+    """{file name: source} of the tokenizer files to copy next to a saved model."""
+    path = Path(path)
+    if path.is_file():
+        return {"tokenizer.model" if path.suffix == ".model" else path.name: path}
+    return {n: path / n for n in TOKENIZER_FILES if (path / n).exists()}
+
+
+def has_tokenizer(path: Path | str | None) -> bool:
+    """Whether ``path`` is a directory holding a tokenizer.model or tokenizer.json."""
+    return path is not None and any((Path(path) / n).is_file() for n in TOKENIZER_FILES[:2])
+
+
+def tokenizer_path(cfg: TrainConfig, default: Path = data.DEMO_TOKENIZER) -> Path:
+    """--tokenizer, else the checkpoint's tokenizer files, else ``default`` (the bundled demo tokenizer)."""
+    if cfg.tokenizer is not None:
+        return Path(cfg.tokenizer)
+    for ck in (cfg.checkpoint_dir, bundled_checkpoint(cfg.model)):
+        if has_tokenizer(ck):
+            return Path(ck)
+    return default
+
+
+def apply_peft(cfg: TrainConfig, model_cfg: Any, params: dict, *, full: str | None = None,
+               full_name: str = "tensors trained in full") -> tuple[dict, Any]:
+    """(params with adapters, trainable filter) for --peft; --lora.targets names are the family's.
+
+    ``full``: a regex of tensors trained in full beside the adapters (a classifier's head, peft's
+    ``modules_to_save``); adapters are never put on them.
+    """
+    if cfg.peft == "none":
+        return params, train.all_floating
+    where = models.lora_targets(model_cfg, cfg.lora.targets)
+    if full is not None:
+        keep = [p for p in lora.select_targets(params, where) if not re.fullmatch(full, p)]
+        if not keep:
+            raise ConfigError(f"--lora.targets {list(cfg.lora.targets)}: selects only {full_name}, which is "
+                              f"trained in full ({full}); name other layers")
+        where = "|".join(map(re.escape, keep))
+    params = lora.apply(params, rank=cfg.lora.rank, alpha=cfg.lora.alpha, where=where, dropout=cfg.lora.dropout,
+                        seed=cfg.seed, rslora=cfg.lora.rslora, dora=cfg.peft == "dora")
+    return params, lora.trainable_with(full)
+
+
+def make_optimizer(o: Any, total_steps: int) -> tuple[optim.Optimizer, Any]:
+    """(optimizer, schedule) from the optim config; no weight decay on norms and biases."""
+    warmup = min(o.warmup_steps, max(total_steps - 1, 0))
+    if o.schedule == "cosine":
+        schedule = schedules.warmup_cosine(o.lr, warmup=warmup, total=total_steps)
+    elif o.schedule == "linear":
+        schedule = schedules.warmup_linear(o.lr, warmup=warmup, total=total_steps)
+    else:
+        schedule = schedules.constant(o.lr, warmup=warmup)
+
+    def build(weight_decay: float) -> optim.Optimizer:
+        if o.name == "sgd":
+            return optim.sgd(schedule, momentum=o.b1 if o.b1 != 0.9 else 0.0, weight_decay=weight_decay)
+        return optim.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=weight_decay)
+
+    if o.weight_decay == 0:
+        return build(0.0), schedule
+    decayed = optim.masked(build(o.weight_decay), optim.decays)
+    plain = optim.masked(build(0.0), lambda p: not optim.decays(p))
+    return optim.parallel(decayed, plain), schedule
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """A batch (a dict of tensors, or of such dicts: preference pairs) moved to ``device``."""
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch.to(device, non_blocking=True) if isinstance(batch, torch.Tensor) else batch
