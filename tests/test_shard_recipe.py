@@ -71,8 +71,8 @@ def test_torchrun_run_saves_an_adapter_that_one_process_loads_with_the_same_resu
     with one_thread():
         model_cfg, base = setup.load_model(cfg, torch.device("cpu"))
         params = checkpoint.load_peft(two_process_run / "adapter", base)
-        again = eval_loss(cfg, model_cfg, params)
-    # the held-out loss the 2 ranks computed from their shards at the end = one process from the files
+        again = eval_loss(dataclasses.replace(cfg, batch_size=4), model_cfg, params)  # the global eval batch
+    # the held-out loss the 2 ranks computed (each its half of every eval batch) = one process from the files
     assert again == pytest.approx(summary["eval_loss_end"], abs=1e-6)
     assert summary["eval_loss_end"] != pytest.approx(summary["eval_loss_start"], abs=1e-6)
 

@@ -7,7 +7,8 @@
 - Logs every step on the main rank (stdout every ``--log-every``, metrics.jsonl, TensorBoard /
   W&B, the progress bar, loss.png); ``--profile``, ``--debug-stats`` and ``--memory-report`` hooks.
 - Evaluates the held-out set at the start, every ``--eval-every`` steps and at the end: the mean
-  loss and the task's own metrics (``eval_accuracy``, ...), over the first ``--eval-batches`` batches.
+  loss and the task's own metrics (``eval_accuracy``, ...), over the first ``--eval-batches`` global
+  batches split across the data-parallel ranks.
 - Saves resumable checkpoints every ``--save-every`` steps (and on Ctrl-C with
   ``--save-on-interrupt``); ``--resume`` continues the same step, RNG and data position.
 - Stops on a non-finite loss or gradient (naming the step, leaves and last good checkpoint) unless
@@ -17,6 +18,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -45,26 +47,45 @@ def count_steps(cfg: TrainConfig, task: Task, world_size: int) -> int:
     return max(1, -(-n * cfg.epochs // cfg.grad_accum))
 
 
-def evaluate(task: Task, loss_fn: Any, params: Any, cfg: TrainConfig, device: torch.device,
-             dtype: torch.dtype) -> dict[str, float] | None:
-    """{"loss": mean, metric: mean, ...} over the first ``--eval-batches`` held-out batches (every
-    rank evaluates the same ones), or None without held-out data."""
+def evaluate(task: Task, loss_fn: Any, params: Any, cfg: TrainConfig, device: torch.device, dtype: torch.dtype,
+             layout: Any) -> dict[str, float] | None:
+    """{"loss": mean, metric: mean, ...} over the first ``--eval-batches`` global held-out batches,
+    each data-parallel rank taking its rows and the sums added over ranks; None without held-out
+    data. With several held-out sets (``task.eval_set`` a mapping, e.g. one per mixed source) the
+    overall means come with ``"<metric>/<name>"`` per set."""
     if task.eval_set is None or cfg.eval_batches == 0:
         return None
-    total, count, sums = 0.0, 0, {}
+    sets = task.eval_set if isinstance(task.eval_set, Mapping) else {"": task.eval_set}
     compute = train.cast_params(params, dtype if dtype != torch.float32 else None)
-    stream = task.stream(task.eval_set, data.SamplerState(seed=cfg.seed), shuffle=False, loop=False)
+    results, overall = {}, {}
+    for name, dataset in sets.items():
+        sums = _eval_sums(task, dataset, loss_fn, compute, cfg, device, layout)
+        overall = {k: overall.get(k, 0.0) + v for k, v in sums.items()}
+        if name and sums["count"]:
+            results |= {f"{k}/{name}": v / sums["count"] for k, v in sums.items() if k != "count"}
+    if not overall.get("count"):
+        return None
+    return {k: v / overall["count"] for k, v in overall.items() if k != "count"} | results
+
+
+def _eval_sums(task: Task, dataset: Any, loss_fn: Any, params: Any, cfg: TrainConfig, device: torch.device,
+               layout: Any) -> dict[str, float]:
+    """{"loss": sum, "count": n, metric: sum} of one held-out set over every data-parallel rank."""
+    sums: dict[str, float] = {"loss": 0.0, "count": 0.0}
+    stream = task.stream(dataset, data.SamplerState(seed=cfg.seed), shuffle=False, loop=False,
+                         rank=layout.dp_rank, world_size=layout.dp_size)
     with torch.no_grad():
         for i, (batch, _) in enumerate(stream):
             if i == cfg.eval_batches:
                 break
-            out = loss_fn(compute, to_device(batch, device))
-            total, count = total + float(out[0]), count + int(out[1])
+            out = loss_fn(params, to_device(batch, device))
+            sums["loss"] += float(out[0])
+            sums["count"] += float(out[1])
             for k, v in (out[2] if len(out) > 2 else {}).items():
                 sums[k] = sums.get(k, 0.0) + float(v)
-    if not count:
-        return None
-    return {"loss": total / count, **{k: v / count for k, v in sums.items()}}
+    names = sorted(sums)
+    total = layout.sum_over_dp(torch.tensor([sums[k] for k in names], dtype=torch.float64))
+    return dict(zip(names, total.tolist()))
 
 
 def _eval_line(when: str, result: dict[str, float] | None) -> str | None:
@@ -93,7 +114,7 @@ def run(cfg: TrainConfig, task: Task, layout: Any, state: train.TrainState, step
                      + (f" | resumed from {resumed} at step {state.step}" if resumed else ""))
         hooks = debug.TrainHooks(cfg, out, task.model_cfg, trainable, dtype, device, world_size=layout.world_size,
                                  is_main=layout.is_main, write=logger.write)  # --profile, --debug-stats, --memory-report
-        start = None if resumed else evaluate(task, eval_loss, state.params, cfg, device, dtype)
+        start = None if resumed else evaluate(task, eval_loss, state.params, cfg, device, dtype, layout)
         if (line := _eval_line("at start", start)) is not None:
             logger.write(line)
         try:
@@ -111,7 +132,7 @@ def run(cfg: TrainConfig, task: Task, layout: Any, state: train.TrainState, step
                 metrics |= {"lr": lr, "tokens_per_s": metrics["tokens"] / seconds, "seconds": seconds,
                             "peak_memory": peak_memory_bytes(device)}
                 if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < total_steps:
-                    now = evaluate(task, eval_loss, state.params, cfg, device, dtype) or {}
+                    now = evaluate(task, eval_loss, state.params, cfg, device, dtype, layout) or {}
                     metrics |= {f"eval_{k}": v for k, v in now.items()}
                 losses.append(metrics["loss"])
                 logger.log(state.step, {k: v for k, v in metrics.items() if k != "nonfinite_grads"})
@@ -124,7 +145,7 @@ def run(cfg: TrainConfig, task: Task, layout: Any, state: train.TrainState, step
                 logger.write(f"interrupted at step {state.step}: saved {path} (resume with --resume latest)")
             raise
         hooks.close()
-        end = evaluate(task, eval_loss, state.params, cfg, device, dtype)
+        end = evaluate(task, eval_loss, state.params, cfg, device, dtype, layout)
         if end is not None and logger.history:
             logger.history[-1] |= {f"eval_{k}": v for k, v in end.items()}
         if (line := _eval_line("at end", end)) is not None:

@@ -146,16 +146,20 @@ def mask_tokens(tokens: torch.Tensor, real: torch.Tensor, special: list[int], ma
     return inputs, torch.where(chosen, tokens, -100)
 
 
-def collate(enc: Encoded, indices: list[int], pad_id: int, masking: dict | None, seed: int) -> dict[str, torch.Tensor]:
+def collate(enc: Encoded, indices: list[int | None], pad_id: int, masking: dict | None,
+            seed: int) -> dict[str, torch.Tensor]:
     """The rows ``indices`` right-padded: tokens (B, T), mask (B, T) bool (True = real), labels (B,)
-    class ids, or for masked-LM (``masking``) masked tokens and labels (B, T) drawn from ``seed``."""
-    t = max(int(enc.lengths[i]) for i in indices)
-    tokens = torch.full((len(indices), t), pad_id, dtype=torch.long)
+    class ids, or for masked-LM (``masking``) masked tokens and labels (B, T) drawn from ``seed``.
+    A None row (a data-parallel rank's share past the end of the data) is one pad token with no label."""
+    lengths = [int(enc.lengths[i]) if i is not None else 1 for i in indices]
+    tokens = torch.full((len(indices), max(lengths)), pad_id, dtype=torch.long)
     for r, i in enumerate(indices):
-        tokens[r, : enc.lengths[i]] = torch.tensor(enc.tokens[i])
-    real = torch.arange(t)[None, :] < torch.as_tensor(enc.lengths[indices])[:, None]
+        if i is not None:
+            tokens[r, : lengths[r]] = torch.tensor(enc.tokens[i])
+    real = torch.arange(tokens.shape[1])[None, :] < torch.tensor(lengths)[:, None]
     if masking is None:
-        return {"tokens": tokens, "mask": real, "labels": torch.tensor([enc.labels[i] for i in indices])}
+        labels = [enc.labels[i] if i is not None else -100 for i in indices]
+        return {"tokens": tokens, "mask": real, "labels": torch.tensor(labels)}
     inputs, labels = mask_tokens(tokens, real, gen=torch.Generator().manual_seed(seed), **masking)
     return {"tokens": inputs, "mask": real, "labels": labels}
 
@@ -168,9 +172,10 @@ def batches(enc: Encoded, *, batch_size: int, pad_id: int, masking: dict | None,
     while True:
         rows, after = data.plan_rows(enc.lengths, state, rows=batch_size * world_size, seq_len=int(enc.lengths.max()),
                                      packing=False, shuffle=shuffle, loop=loop)
-        mine = [r[0] for r in data.sampler.rank_rows(rows, batch_size=batch_size, rank=rank, world_size=world_size) if r]
-        if not mine:
+        if not rows:
             return
+        mine = [r[0] if r else None for r in data.sampler.rank_rows(rows, batch_size=batch_size, rank=rank,
+                                                                    world_size=world_size)]
         seed = lora.path_seed(state.seed, f"mlm:{state.epoch}:{state.position}")
         yield collate(enc, mine, pad_id, masking, seed=seed), after
         state = after
