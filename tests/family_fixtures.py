@@ -74,15 +74,21 @@ VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
 
 def hf_config(family: str, **overrides: Any) -> Any:
     """The transformers config of ``family``'s tiny model with ``overrides`` (``UNSET`` drops a key)."""
-    import transformers
-
     kw = {k: v for k, v in {**BASE[family], **overrides}.items() if v is not UNSET}
     if family == "gemma2":
         kw["attn_implementation"] = "eager"  # transformers' SDPA path has no attention soft-cap
-    return getattr(transformers, HF_CLASSES[family][0])(**kw)
+    return hf_config_class(family)(**kw)
+
+
+def hf_config_class(family: str) -> type:
+    """transformers' config class of ``family`` (``LlamaConfig``, ...)."""
+    import transformers
+
+    return getattr(transformers, HF_CLASSES[family][0])
 
 
 def hf_model_class(family: str) -> type:
+    """transformers' causal-LM class of ``family`` (``LlamaForCausalLM``, ...)."""
     import transformers
 
     return getattr(transformers, HF_CLASSES[family][1])
@@ -134,7 +140,8 @@ def _decoder_kwargs(draw: Any, family: str) -> dict:
     kw = dict(hidden_size=heads * head_dim * (draw(st.sampled_from([1, 2])) if own_head_dim else 1),
               num_attention_heads=heads, num_key_value_heads=kv, intermediate_size=draw(st.integers(8, 48)),
               num_hidden_layers=layers, vocab_size=draw(st.integers(16, 80)), tie_word_embeddings=draw(st.booleans()),
-              rope_theta=draw(st.sampled_from([100.0, 10000.0, 500000.0])), head_dim=head_dim if own_head_dim else UNSET)
+              rope_theta=draw(st.sampled_from([100.0, 10000.0, 500000.0])),
+              head_dim=head_dim if own_head_dim else UNSET)
     window = st.sampled_from([1, 2, 3, 5, 64])
     if family == "llama":
         kw["rope_scaling"] = draw(st.sampled_from(ROPE_SCALING))
@@ -150,7 +157,8 @@ def _decoder_kwargs(draw: Any, family: str) -> dict:
                   attn_logit_softcapping=draw(st.sampled_from([None, 2.0, 50.0])),
                   final_logit_softcapping=draw(st.sampled_from([None, 3.0, 30.0])))
     elif family == "phi3":
-        kw.update(sliding_window=draw(st.one_of(st.none(), window)), partial_rotary_factor=draw(st.sampled_from([0.5, 1.0])))
+        kw.update(sliding_window=draw(st.one_of(st.none(), window)),
+                  partial_rotary_factor=draw(st.sampled_from([0.5, 1.0])))
     return kw
 
 
@@ -178,10 +186,12 @@ def save_tiny_tokenizer(path: Path, vocab_size: int) -> int:
     from transformers import PreTrainedTokenizerFast
 
     import purefine as pf
+    from purefine.data.templates import ALPACA_INPUT_PREAMBLE, ALPACA_PREAMBLE
 
     rows = [json.loads(line) for line in Path(pf.data.DEMO_TRAIN).read_text().splitlines()[:400]]
     corpus = [" ".join(str(v) for v in row.values()) for row in rows]
-    corpus.append("Below is an instruction that describes a task. ### Instruction: ### Input: ### Response:")
+    corpus += [f"{ALPACA_PREAMBLE}\n\n### Instruction:\n",
+               f"{ALPACA_INPUT_PREAMBLE}\n\n### Input:\n### Response:\n"] * 50  # the template in few tokens
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

@@ -1,7 +1,8 @@
-"""Every model family through the shared paths: a LoRA run of the train recipe on the bundled data
-lowers the loss for each decoder family (with the family's own default LoRA targets), the adapters
-it saves load in ``peft`` over the ``transformers`` model with equal logits, and the generic
-``nn.Module`` path trains a family purefine does not implement through ``train.make_step``."""
+"""The training paths beside the causal families' (those run per family in ``test_families.py``: a
+LoRA run of the train CLI from each checkpoint, adapters through peft both ways): family-relative
+LoRA target names (GPT-2's Conv1D, BERT), BERT classifier adapters with peft's ``modules_to_save``,
+and the generic ``nn.Module`` path training a family purefine does not implement through
+``train.make_step``."""
 
 from __future__ import annotations
 
@@ -13,35 +14,9 @@ import torch
 
 import purefine as pf
 from purefine import lora, tree
-from purefine.config import OptimConfig, TrainConfig
 from purefine.data import DataConfig
 from purefine.errors import CheckpointError, ConfigError
-from purefine.recipes.train import main
 from tests.test_models_bert import make_hf_bert
-from tests.test_models_gpt2 import make_hf_gpt2
-from tests.test_models_mistral import make_hf_mistral
-from tests.test_models_qwen2 import make_hf_qwen2
-
-DECODERS = {"llama-debug": ("q_proj", "v_proj"), "mistral-debug": ("q_proj", "v_proj"),
-            "qwen2-debug": ("q_proj", "v_proj"), "gpt2-debug": ("c_attn",)}
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    """One tokenization cache for every run (the bundled demo is tokenized once)."""
-    return str(tmp_path_factory.mktemp("cache"))
-
-
-@pytest.mark.parametrize("model", list(DECODERS))
-def test_lora_run_on_the_bundled_data_lowers_the_loss(model, tmp_path, cache_dir):
-    cfg = TrainConfig(model=model, peft="lora", init="random", max_steps=30, batch_size=4, max_seq_len=64,
-                      output_dir=str(tmp_path / "out"), progress=False, plot=False, eval_batches=1, log_every=100,
-                      optim=OptimConfig(lr=1e-2, warmup_steps=3), data=DataConfig(cache_dir=cache_dir))
-    summary = main(cfg)
-    assert summary["last_loss"] < summary["first_loss"] - 0.05, summary["losses"]
-    adapter = json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())
-    assert sorted(adapter["target_modules"]) == sorted(DECODERS[model])  # the family's default targets
-    assert adapter["fan_in_fan_out"] is (model == "gpt2-debug")
 
 
 def test_lora_targets_resolve_per_family():
@@ -62,7 +37,7 @@ def test_lora_targets_resolve_per_family():
         lora.apply(params, rank=2, alpha=4, where=["wpe"])
 
 
-# ---- adapters over each family load in peft ---------------------------------------------------------
+# ---- BERT adapters through peft ----------------------------------------------------------------------
 
 def perturbed(params, seed=0, where=r".*\.lora_b"):
     """B (and any path ``where`` matches) moved off zero so the adapter changes the logits."""
@@ -77,29 +52,6 @@ def peft_logits(model, adapter, tokens, **kwargs):
     with torch.no_grad():
         peft_model = PeftModel.from_pretrained(model, adapter).eval()
         return peft_model(tokens, **kwargs).logits, peft_model
-
-
-CAUSAL = {"mistral": make_hf_mistral, "qwen2": make_hf_qwen2, "gpt2": make_hf_gpt2,
-          "gpt2-untied": lambda path: make_hf_gpt2(path, tie_word_embeddings=False)}
-
-
-@pytest.mark.parametrize("family", list(CAUSAL))
-def test_causal_lm_adapters_load_in_peft_with_equal_logits(family, tmp_path):
-    model = CAUSAL[family](tmp_path / "base")
-    cfg, base = pf.checkpoint.load_hf(tmp_path / "base")
-    where = pf.models.lora_targets(cfg, "all-linear")
-    params = perturbed(lora.apply(base, rank=4, alpha=8, where=where, seed=1))
-    adapter = pf.checkpoint.save_peft(tmp_path / "adapter", cfg, params, base_model=str(tmp_path / "base"))
-    tokens = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        ours = pf.models.forward(cfg, params, tokens)
-        theirs, peft_model = peft_logits(model, adapter, tokens)
-        assert (theirs - ours).abs().max().item() < 1e-4
-        assert peft_model.peft_config["default"].fan_in_fan_out is family.startswith("gpt2")
-        # merging needs the right fan_in_fan_out (Conv1D's (in, out) base): the merged model agrees too
-        assert (peft_model.merge_and_unload()(tokens).logits - ours).abs().max().item() < 1e-4
-        reloaded = pf.checkpoint.load_peft(adapter, base)
-        assert torch.equal(pf.models.forward(cfg, reloaded, tokens), ours)
 
 
 def test_bert_classifier_adapter_saves_its_head_as_peft_modules_to_save(tmp_path):

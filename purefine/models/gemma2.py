@@ -29,6 +29,8 @@ from purefine.models import llama, mistral
 from purefine.models.family import Context, Gather, normal_init
 
 LAYER_TYPES = ("full_attention", "sliding_attention")
+# Fields whose explicit ``null`` in config.json means "none" (not the default): transformers reads them so.
+NULLABLE = ("sliding_window", "final_logit_softcapping", "attn_logit_softcapping")
 
 
 @dataclass(frozen=True)
@@ -85,13 +87,17 @@ class Gemma2Config(llama.LlamaConfig):
             d["layer_types"] = tuple(d["layer_types"])
         if isinstance(d.get("query_pre_attn_scalar"), int) and not isinstance(d["query_pre_attn_scalar"], bool):
             d["query_pre_attn_scalar"] = float(d["query_pre_attn_scalar"])
-        return super().from_hf(d, source)
+        cfg = super().from_hf(d, source)
+        nulls = {k: None for k in NULLABLE if k in d and d[k] is None}  # an explicit null: no cap / no window
+        return dataclasses.replace(cfg, **nulls) if nulls else cfg
 
     def to_hf(self, dtype: torch.dtype | None = None) -> dict:
         """A Hugging Face ``config.json`` dict for ``Gemma2ForCausalLM``."""
         d = super().to_hf(dtype)
         del d["hidden_act"], d["mlp_bias"]
         d["layer_types"] = list(self.layer_types)
+        scalar = self.query_pre_attn_scalar  # transformers 5 types it int and refuses 256.0
+        d["query_pre_attn_scalar"] = int(scalar) if float(scalar).is_integer() else scalar
         return d
 
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
