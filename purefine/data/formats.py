@@ -5,6 +5,12 @@
   ``preference`` (prompt, chosen, rejected). ``column_map`` {expected field: dataset column} reads
   renamed columns. Each row becomes a list of messages ``{"role", "content"}`` (alpaca rows keep
   their ``input`` so the alpaca template can show it the way Stanford Alpaca does).
+  Chat messages may carry tool turns (role ``tool``; ShareGPT ``observation``) and, in the OpenAI
+  layout, extra keys (``tool_calls``, ``name``, ``tool_call_id``, ``reasoning_content``) that are
+  passed through to the tokenizer's chat template.
+- ``resolve_template(name, tokenizer)``: ``auto`` -> the tokenizer's own chat template
+  (``purefine.data.chat_template``) when it ships one, else ``alpaca``; ``tokenizer`` -> that
+  template (a ``ConfigError`` when there is none); any other name -> the hand-written template.
 - Templates (``purefine.data.templates``, re-exported here; ``TEMPLATES`` maps name -> ``Template``):
   ``alpaca``, ``llama2-chat`` (``[INST]``, ``<<SYS>>``), ``chatml``, ``llama3`` and ``none``. A template renders messages to ``Segment``s:
   text, a named special token, or the tokenizer's bos / eos, each flagged as part of an assistant
@@ -22,22 +28,26 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from purefine.data.chat_template import ChatTemplate, chat_prompt_ids, tokenize_chat
 from purefine.data.templates import (
     TEMPLATES, Message, Segment, Template, get_template, register_template, validate_conversation,
 )
 from purefine.data.tokenizer import Tokenizer
-from purefine.errors import DataError
+from purefine.errors import ConfigError, DataError
 from purefine.ops import IGNORE_INDEX
 
 __all__ = [
     "FORMATS", "TEMPLATES", "Message", "Segment", "Template", "Sample", "TrainOn", "IGNORE_INDEX",
     "get_template", "register_template", "row_error", "detect_format", "row_messages", "encode_segments",
-    "loss_mask", "shift_labels", "tokenize_messages", "tokenize_row", "prompt_ids",
+    "loss_mask", "shift_labels", "tokenize_messages", "tokenize_row", "prompt_ids", "resolve_template",
+    "ChatTemplate", "AnyTemplate",
 ]
 
 TrainOn = Literal["assistant", "all", "last"]
-SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
-OPENAI_ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant",
+                  "tool": "tool", "observation": "tool", "function_call": "assistant"}
+OPENAI_ROLES = ("system", "user", "assistant", "tool")
+AnyTemplate = Template | ChatTemplate
 
 
 @dataclass(frozen=True)
@@ -90,10 +100,13 @@ def _parse_message(m: Any, index: int, where: str) -> Message:
     if role not in known:
         raise row_error(index, f"{where}.{role_key}", f"unknown role {role!r}; expected one of {', '.join(known)}")
     content = m.get(content_key)
+    if content is None and not sharegpt and m.get("tool_calls") is not None:
+        content = ""  # an assistant turn that only calls tools
     if not isinstance(content, str):
         found = "missing" if content is None else f"found {type(content).__name__}"
         raise row_error(index, f"{where}.{content_key}", f"expected a string, {found}")
-    return {"role": known[role], "content": content}
+    extra = {} if sharegpt else {k: v for k, v in m.items() if k not in ("role", "content") and v is not None}
+    return {**extra, "role": known[role], "content": content}
 
 
 def _conversation(value: Any, index: int, field: str) -> list[Message]:
@@ -216,31 +229,80 @@ def shift_labels(tokens: Sequence[int], mask: Sequence[bool]) -> list[int]:
     return [tok if m else IGNORE_INDEX for tok, m in zip(tokens[1:], mask[1:])] + [IGNORE_INDEX] * bool(tokens)
 
 
-def tokenize_messages(messages: Sequence[Message], template: Template | str, tokenizer: Tokenizer, *,
+def resolve_template(template: AnyTemplate | str, tokenizer: Tokenizer) -> AnyTemplate:
+    """The template a name stands for with this tokenizer (see the module doc); objects pass through."""
+    if not isinstance(template, str):
+        return template
+    if template not in ("auto", "tokenizer"):
+        return get_template(template)
+    own = ChatTemplate.of(tokenizer)
+    if own is not None:
+        return own
+    if template == "tokenizer":
+        raise ConfigError(f"--data.template tokenizer: the tokenizer ({tokenizer!r}) ships no chat template "
+                          "(tokenizer_config.json chat_template or chat_template.jinja); pick a hand-written one: "
+                          "alpaca, llama2-chat, chatml, llama3 or none")
+    return get_template("alpaca")
+
+
+def rendered_ids(messages: Sequence[Message], template: AnyTemplate, tokenizer: Tokenizer,
+                 add_generation_prompt: bool = False) -> list[int]:
+    """Token ids of ``messages`` as ``template`` renders them (no loss mask)."""
+    if isinstance(template, ChatTemplate):
+        if add_generation_prompt:
+            return chat_prompt_ids(messages, template, tokenizer)  # type: ignore[arg-type]
+        return tokenizer.encode_offsets(template.render(messages)[0])[0]  # type: ignore[attr-defined]
+    return encode_segments(template.render(messages, add_generation_prompt), tokenizer)[0]
+
+
+def tokenize_messages(messages: Sequence[Message], template: AnyTemplate | str, tokenizer: Tokenizer, *,
                       train_on: TrainOn = "assistant", max_seq_len: int | None = None) -> Sample:
     """Render, encode, truncate to ``max_seq_len`` (keeping the start) and shift the labels."""
-    template = get_template(template) if isinstance(template, str) else template
-    ids, flags, turns = encode_segments(template.render(messages, False), tokenizer)
-    mask = loss_mask(flags, turns, train_on)
+    template = resolve_template(template, tokenizer)
+    if isinstance(template, ChatTemplate) and not (len(messages) == 1 and messages[0]["role"] == "text"):
+        ids, mask = tokenize_chat(messages, template, tokenizer, train_on)  # type: ignore[arg-type]
+    else:  # a plain-text sample renders the same under every template
+        template = get_template("none") if isinstance(template, ChatTemplate) else template
+        ids, flags, turns = encode_segments(template.render(messages, False), tokenizer)
+        mask = loss_mask(flags, turns, train_on)
     if max_seq_len is not None:
         ids, mask = ids[:max_seq_len], mask[:max_seq_len]
     return Sample(ids, shift_labels(ids, mask))
 
 
-def tokenize_row(row: Mapping[str, Any], index: int, *, fmt: str, template: Template | str, tokenizer: Tokenizer,
+def tokenize_row(row: Mapping[str, Any], index: int, *, fmt: str, template: AnyTemplate | str, tokenizer: Tokenizer,
                  column_map: Mapping[str, str] | None = None, train_on: TrainOn = "assistant",
                  max_seq_len: int | None = None) -> Sample | tuple[Sample, Sample]:
-    """One dataset row -> a ``Sample`` (a (chosen, rejected) pair for ``preference``)."""
+    """One dataset row -> a ``Sample`` (a (chosen, rejected) pair for ``preference``); a row the
+    template cannot render is a ``DataError`` naming the row."""
     messages = row_messages(row, index, fmt, column_map)
     kw = dict(train_on=train_on, max_seq_len=max_seq_len)
-    if fmt == "preference":
-        chosen, rejected = messages
-        return tokenize_messages(chosen, template, tokenizer, **kw), tokenize_messages(rejected, template, tokenizer, **kw)
-    return tokenize_messages(messages, template, tokenizer, **kw)
+    try:
+        if fmt == "preference":
+            return _preference_samples(*messages, template, tokenizer, kw)
+        return tokenize_messages(messages, template, tokenizer, **kw)
+    except DataError as e:
+        raise DataError(f"row {index}: {e}") from None
 
 
-def prompt_ids(messages: Sequence[Message], template: Template | str, tokenizer: Tokenizer) -> list[int]:
+def _preference_samples(chosen: list[Message], rejected: list[Message], template: Template | str, tokenizer: Tokenizer,
+                        kw: dict) -> tuple[Sample, Sample]:
+    """(chosen, rejected) samples with loss on the completions only: the messages the two share (the
+    prompt, at most all but each one's last message) carry none, whatever ``train_on`` says of them."""
+    template = resolve_template(template, tokenizer)
+    limit = min(len(chosen), len(rejected)) - 1
+    shared = next((i for i in range(limit) if chosen[i] != rejected[i]), limit)
+    prompt = rendered_ids(chosen[:shared], template, tokenizer) if shared > 0 else []
+    out = []
+    for messages in (chosen, rejected):
+        s = tokenize_messages(messages, template, tokenizer, **kw)
+        if prompt and s.tokens[:len(prompt)] == prompt:  # a template whose prompt renders as a prefix (all built in)
+            s = Sample(s.tokens, [IGNORE_INDEX] * (len(prompt) - 1) + s.labels[len(prompt) - 1:])
+        out.append(s)
+    return out[0], out[1]
+
+
+def prompt_ids(messages: Sequence[Message], template: AnyTemplate | str, tokenizer: Tokenizer) -> list[int]:
     """Token ids of a conversation ending in a user turn, plus the assistant header: what generation
     continues from, encoded exactly as training encodes it."""
-    template = get_template(template) if isinstance(template, str) else template
-    return encode_segments(template.render(messages, True), tokenizer)[0]
+    return rendered_ids(messages, resolve_template(template, tokenizer), tokenizer, add_generation_prompt=True)

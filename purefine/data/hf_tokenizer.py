@@ -13,7 +13,10 @@
 - ``bos_id`` / ``eos_id``: the ``bos_token`` / ``eos_token``; a tokenizer with none (BERT) uses its
   ``cls_token`` / ``sep_token``, so ``encode(text, bos=True, eos=True)`` is ``[CLS] text [SEP]``.
   ``pad_id``: ``pad_token``, else the eos id, else the unknown token, else 0.
-- ``chat_template``: the Jinja chat template shipped with the tokenizer (or None).
+- ``encode_offsets(text)``: the ids and each token's character offsets (for chat-template masks).
+- ``chat_template``: the Jinja chat template shipped with the tokenizer (or None):
+  ``chat_template.jinja``, else ``tokenizer_config.json``'s ``chat_template`` (a string, or the
+  entry named ``default`` of a list of named templates); ``chat_template_file`` says which file.
 """
 
 from __future__ import annotations
@@ -75,6 +78,7 @@ class HFTokenizer:
         pad = self._role_ids.get("pad", self.eos_id if self.eos_id is not None else self.unk_id)
         self.pad_id: int = pad if pad is not None else 0
         self.cleanup: bool = bool(config.get("clean_up_tokenization_spaces", False)) and self._model_kind() != "BPE"
+        self.chat_template_file: Path | None = None
         self.chat_template: str | None = self._chat_template(file.parent, config)
 
     @classmethod
@@ -102,15 +106,20 @@ class HFTokenizer:
     def _model_kind(self) -> str:
         return type(self.backend.model).__name__  # "BPE", "WordPiece", "Unigram": transformers' own test
 
-    @staticmethod
-    def _chat_template(directory: Path, config: dict) -> str | None:
+    def _chat_template(self, directory: Path, config: dict) -> str | None:
         if (directory / CHAT_TEMPLATE_FILE).is_file():
+            self.chat_template_file = directory / CHAT_TEMPLATE_FILE
             try:
                 return (directory / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
             except (UnicodeDecodeError, OSError) as e:
                 raise TokenizerError(f"{directory / CHAT_TEMPLATE_FILE}: not a UTF-8 text file ({e})") from None
         template = config.get("chat_template")
-        return template if isinstance(template, str) else None
+        if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
+            template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)
+        if isinstance(template, str):
+            self.chat_template_file = directory / "tokenizer_config.json"
+            return template
+        return None
 
     @property
     def special_tokens(self) -> Mapping[str, int]:
@@ -122,6 +131,15 @@ class HFTokenizer:
         if not isinstance(text, str):
             raise TokenizerError(f"{self.path}: encode expects a string, found {type(text).__name__}")
         return with_bos_eos(self, self.backend.encode(text, add_special_tokens=False).ids if text else [], bos, eos)
+
+    def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """(ids (n,), (start, end) character offsets of each token (n,)) of ``text``, as ``encode``."""
+        if not isinstance(text, str):
+            raise TokenizerError(f"{self.path}: encode expects a string, found {type(text).__name__}")
+        if not text:
+            return [], []
+        encoding = self.backend.encode(text, add_special_tokens=False)
+        return list(encoding.ids), [tuple(o) for o in encoding.offsets]
 
     def decode(self, ids: Sequence[int]) -> str:
         """Ids -> text, special tokens dropped. Out-of-range ids are an error, not silently dropped."""

@@ -2,7 +2,7 @@
 
     cfg = DataConfig()                                   # the bundled demo, alpaca template, packing
     tok = load_tokenizer(DEMO_TOKENIZER, model_vocab_size=1024)
-    train = build(cfg, tok)                              # TokenizedDataset
+    train = build_split(cfg, tok)                        # TokenizedDataset (data.build also mixes, streams)
     for batch, state in batches(train, batch_size=8, seq_len=cfg.max_seq_len, packing=cfg.packing,
                                 sampler_state=SamplerState(seed=cfg.seed)):
         ...                                              # save ``state.to_dict()`` to resume exactly
@@ -11,11 +11,13 @@
   parquet file (optionally compressed), a local directory (split files, or ``save_to_disk`` output),
   or a Hugging Face hub name with ``split``, ``subset`` and ``revision`` via ``datasets.load_dataset``.
 - Tokenizing (``tokenize``): a batched ``datasets.map`` over the rows with a fingerprint made from
-  the data, the tokenizer file and the options, so a second run reads the cache. Bad rows are an
-  error naming the source, row and field — or, with ``skip_bad_rows``, skipped, counted and logged.
+  the data, the tokenizer file, its chat template and the options, so a second run reads the
+  cache. Bad rows are an error naming the source, row and field — or, with ``skip_bad_rows``,
+  skipped, counted and logged.
   Samples truncated to ``max_seq_len`` that keep no labelled token are dropped and counted.
-- Batching (``batches``): rows planned by ``purefine.data.sampler``, then collated. A batch is
-  ``tokens``, ``labels`` (already shifted, -100 = no loss) and ``positions``, all (B, T) int64;
+- Batching (``batches``): any dataset with ``plan`` and ``fetch`` (``TokenizedDataset``, a
+  ``MixedDataset``, a ``StreamingDataset``): rows planned by ``purefine.data.sampler``, then
+  collated. A batch is ``tokens``, ``labels`` (already shifted, -100 = no loss) and ``positions``, all (B, T) int64;
   packed batches (T = seq_len) add ``segment_ids`` (B, T) (one id per sample, trailing padding its
   own id; ``purefine.ops.block_causal_mask`` turns it into the attention mask) and positions restart
   at 0 for each sample. Unpacked batches are right-padded to the longest sample. Preference data
@@ -28,67 +30,22 @@ import json
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import datasets
 import numpy as np
 import torch
 
 from purefine.data import sources
-from purefine.data.formats import IGNORE_INDEX, Sample, detect_format, get_template, tokenize_row
-from purefine.data.sampler import SamplerState, plan_rows, rank_rows
-from purefine.data.sources import BUILTIN_DEMO, load_split
+from purefine.data.config import DataConfig, check
+from purefine.data.formats import IGNORE_INDEX, Sample, detect_format, resolve_template, tokenize_row
+from purefine.data.sampler import SamplerState, index_draws, plan_rows, rank_rows
+from purefine.data.sources import load_split
 from purefine.data.tokenizer import Tokenizer
 from purefine.errors import ConfigError, DataError
 
 log = logging.getLogger("purefine.data")
 Batch = dict[str, torch.Tensor]
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """Which data to train on and how to turn it into batches (the train CLI's ``--data.*``)."""
-
-    source: str = BUILTIN_DEMO
-    """A local json/jsonl/csv/parquet file or directory, a hub dataset name, or builtin:demo (the bundled demo)."""
-    split: str = "train"
-    """Split to train on (a single local file is its own split)."""
-    subset: str | None = None
-    """Hub dataset configuration (load_dataset's name=)."""
-    revision: str | None = None
-    """Hub dataset revision: branch, tag or commit."""
-    eval_source: str | None = None
-    """Held-out data; default: the eval split of --data.source (none if it has no such split)."""
-    eval_split: str = "validation"
-    """Split of the held-out data (a single local file is its own split)."""
-    format: Literal["auto", "alpaca", "chat", "text", "preference"] = "auto"
-    """Row format; auto picks it from the columns (see --data.column-map for renamed ones)."""
-    template: str = "alpaca"
-    """Prompt template: alpaca, llama2-chat, chatml, llama3 or none."""
-    column_map: dict[str, str] = field(default_factory=dict)
-    """Expected field -> dataset column, e.g. instruction question output answer."""
-    train_on: Literal["assistant", "all", "last"] = "assistant"
-    """Tokens that carry loss: assistant turns, all tokens, or the last assistant turn."""
-    max_seq_len: int = 512
-    """Samples are truncated to this many tokens; packed rows have this length."""
-    packing: bool = True
-    """Pack several samples per row (block-causal attention keeps them apart)."""
-    shuffle: bool = True
-    """Shuffle the training samples each epoch."""
-    seed: int = 0
-    """Seed of the sampler's shuffling (start from SamplerState(seed=...))."""
-    max_samples: int | None = None
-    """Use only the first N training rows."""
-    skip_bad_rows: bool = False
-    """Skip malformed rows (counted and reported) instead of stopping at the first."""
-    num_proc: int | None = None
-    """Processes for tokenization (datasets.map)."""
-    cache_dir: str | None = None
-    """Datasets cache directory (default: the Hugging Face cache)."""
-    text_column: str = "text"
-    """The text column for --task classify / mlm."""
-    label_column: str = "label"
-    """The label column for --task classify: class ids 0..C-1 or class names."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -106,6 +63,16 @@ class TokenizedDataset:
 
     def __len__(self) -> int:
         return len(self.lengths)
+
+    def draws(self, state: SamplerState, *, shuffle: bool = True,
+              loop: bool = True) -> Iterator[tuple[int, int, SamplerState]]:
+        """(sample index, length, state after it) through the epochs (``sampler.index_draws``)."""
+        return index_draws(self.lengths, state, shuffle=shuffle, loop=loop)
+
+    def plan(self, state: SamplerState, *, rows: int, seq_len: int, packing: bool, shuffle: bool,
+             loop: bool) -> tuple[list[list[int]], SamplerState]:
+        """The next global batch's rows of sample indices and the state after it (``plan_rows``)."""
+        return plan_rows(self.lengths, state, rows=rows, seq_len=seq_len, packing=packing, shuffle=shuffle, loop=loop)
 
     def fetch(self, indices: Sequence[int]) -> list[Any]:
         """The samples at ``indices``: ``Sample``s, or (chosen, rejected) pairs for preference data."""
@@ -131,16 +98,10 @@ def truncate(sample: Sample, n: int) -> Sample:
     return Sample(sample.tokens[:n], [*sample.labels[:n - 1], IGNORE_INDEX])
 
 
-def _check(cfg: DataConfig) -> None:
-    get_template(cfg.template)
-    if cfg.max_seq_len < 2:
-        raise ConfigError(f"--data.max-seq-len must be at least 2, found {cfg.max_seq_len}")
-    if cfg.train_on not in ("assistant", "all", "last"):
-        raise ConfigError(f"--data.train-on must be assistant, all or last, found {cfg.train_on!r}")
-
-
-def _row_result(row: Mapping[str, Any], index: int, opts: dict) -> dict[str, Any]:
-    """One row's output columns (the error message instead of tokens when the row is bad)."""
+def row_result(row: Mapping[str, Any], index: int, opts: dict) -> dict[str, Any]:
+    """One row's output columns: ``tokens`` / ``labels`` (or ``chosen_*`` / ``rejected_*``) truncated
+    to ``opts["max_seq_len"]``, ``length``, ``labelled``, ``truncated``, and ``error`` (the message
+    instead of tokens when the row is bad). ``opts``: ``tokenize_row``'s keyword arguments."""
     n = opts["max_seq_len"]
     try:
         result = tokenize_row(row, index, **{**opts, "max_seq_len": None})
@@ -172,7 +133,7 @@ def _map_batch(batch: dict[str, list], indices: list[int], opts: dict, preferenc
     for j, index in enumerate(indices):
         row = {k: v[j] for k, v in batch.items()}
         row.update({k: json.loads(row[k]) for k in json_columns if row.get(k) is not None})
-        result = _row_result(row, index, opts)
+        result = row_result(row, index, opts)
         for k in columns:
             out[k].append(result.get(k, False if k == "truncated" else [] if k.endswith(("tokens", "labels")) else 0))
     return out
@@ -186,24 +147,30 @@ def tokenize(rows: datasets.Dataset, tokenizer: Tokenizer, cfg: DataConfig, *, n
     Raises ``DataError`` naming ``name``, the row index and the field at the first bad row, unless
     ``cfg.skip_bad_rows``. Samples left without a labelled token are dropped.
     """
-    _check(cfg)
+    check(cfg)
     if len(rows) == 0:
         raise DataError(f"{name}: no rows")
-    fmt = detect_format(rows.column_names, cfg.column_map, source=name) if cfg.format == "auto" else cfg.format
-    preference = fmt == "preference"
-    if preference and cfg.packing:
-        raise ConfigError(f"{name}: preference pairs cannot be packed; pass --data.no-packing")
-    opts = dict(fmt=fmt, template=cfg.template, tokenizer=tokenizer, column_map=dict(cfg.column_map),
-                train_on=cfg.train_on, max_seq_len=cfg.max_seq_len)
+    opts = row_options(cfg, tokenizer, rows.column_names, name)
+    preference = opts["fmt"] == "preference"
     kwargs = {"opts": opts, "preference": preference, "json_columns": tuple(json_columns)}
     try:
         out = rows.map(_map_batch, with_indices=True, batched=True, batch_size=256, remove_columns=rows.column_names,
                        features=_output_features(preference), fn_kwargs=kwargs, num_proc=cfg.num_proc,
-                       new_fingerprint=sources.fingerprint(rows, tokenizer, cfg, fmt),
+                       new_fingerprint=sources.fingerprint(rows, tokenizer, cfg, opts["fmt"], opts["template"]),
                        desc=f"tokenizing {name}")
     except UnicodeDecodeError as e:  # Arrow's JSON reader keeps invalid UTF-8; it fails when a column is read
         raise DataError(f"{name}: holds text that is not valid UTF-8 ({e}); re-encode the file as UTF-8") from None
-    return _select_good(out, name, cfg, tokenizer.pad_id, preference, fmt)
+    return _select_good(out, name, cfg, tokenizer.pad_id, preference, opts["fmt"])
+
+
+def row_options(cfg: DataConfig, tokenizer: Tokenizer, columns: Sequence[str], name: str) -> dict[str, Any]:
+    """``tokenize_row``'s keyword arguments for ``cfg``: the format (detected from ``columns`` under
+    ``auto``), the template resolved with the tokenizer, masking and length."""
+    fmt = detect_format(columns, cfg.column_map, source=name) if cfg.format == "auto" else cfg.format
+    if fmt == "preference" and cfg.packing:
+        raise ConfigError(f"{name}: preference pairs cannot be packed; pass --data.no-packing")
+    return dict(fmt=fmt, template=resolve_template(cfg.template, tokenizer), tokenizer=tokenizer,
+                column_map=dict(cfg.column_map), train_on=cfg.train_on, max_seq_len=cfg.max_seq_len)
 
 
 def _select_good(out: datasets.Dataset, name: str, cfg: DataConfig, pad_id: int, preference: bool,
@@ -233,9 +200,9 @@ def _select_good(out: datasets.Dataset, name: str, cfg: DataConfig, pad_id: int,
     return TokenizedDataset(rows, lengths, pad_id, preference, name, stats)
 
 
-def build(cfg: DataConfig, tokenizer: Tokenizer) -> TokenizedDataset:
+def build_split(cfg: DataConfig, tokenizer: Tokenizer) -> TokenizedDataset:
     """The training set: ``cfg.source``'s ``cfg.split`` (first ``cfg.max_samples`` rows), tokenized."""
-    _check(cfg)
+    check(cfg)
     rows = load_split(cfg.source, cfg.split, subset=cfg.subset, revision=cfg.revision, cache_dir=cfg.cache_dir)
     rows, json_columns = sources.exact_json_columns(rows, cfg.source)
     if cfg.max_samples is not None:
@@ -243,10 +210,10 @@ def build(cfg: DataConfig, tokenizer: Tokenizer) -> TokenizedDataset:
     return tokenize(rows, tokenizer, cfg, name=sources.describe(cfg.source, cfg.split), json_columns=json_columns)
 
 
-def build_eval(cfg: DataConfig, tokenizer: Tokenizer) -> TokenizedDataset | None:
+def build_eval_split(cfg: DataConfig, tokenizer: Tokenizer) -> TokenizedDataset | None:
     """The held-out set: ``cfg.eval_source`` (or the source's ``cfg.eval_split``), or None if the
     source has no such split and no eval source was given."""
-    _check(cfg)
+    check(cfg)
     explicit = cfg.eval_source is not None
     source = cfg.eval_source if explicit else cfg.source
     if not explicit and sources.is_single_file(source):
@@ -302,10 +269,13 @@ def _collate_preference(pairs: Sequence[tuple[Sample, Sample] | None], pad_id: i
     return {"chosen": collate_padded(chosen, pad_id, length=t), "rejected": collate_padded(rejected, pad_id, length=t)}
 
 
-def batches(dataset: TokenizedDataset, *, batch_size: int, seq_len: int, packing: bool,
+def batches(dataset: Any, *, batch_size: int, seq_len: int, packing: bool,
             sampler_state: SamplerState | None = None, rank: int = 0, world_size: int = 1, shuffle: bool = True,
             loop: bool = True) -> Iterator[tuple[Any, SamplerState]]:
     """Yield (batch, state after it) for data-parallel rank ``rank`` of ``world_size``.
+
+    ``dataset``: a ``TokenizedDataset``, ``MixedDataset`` or ``StreamingDataset`` (anything with
+    ``plan``, ``fetch``, ``pad_id``, ``preference`` and ``name``).
 
     ``loop`` runs through epochs forever (training); without it the iterator ends with the epoch
     (evaluation: pass ``shuffle=False``), every rank yielding the same number of batches (rows past
@@ -319,8 +289,8 @@ def batches(dataset: TokenizedDataset, *, batch_size: int, seq_len: int, packing
         raise ConfigError(f"{dataset.name}: preference pairs cannot be packed; pass packing=False")
     state = sampler_state or SamplerState()
     while True:
-        planned, next_state = plan_rows(dataset.lengths, state, rows=batch_size * world_size, seq_len=seq_len,
-                                        packing=packing, shuffle=shuffle, loop=loop)
+        planned, next_state = dataset.plan(state, rows=batch_size * world_size, seq_len=seq_len, packing=packing,
+                                           shuffle=shuffle, loop=loop)
         if not planned:
             return
         mine = rank_rows(planned, batch_size=batch_size, rank=rank, world_size=world_size)

@@ -6,8 +6,9 @@
   output of ``save_to_disk``); otherwise a hub dataset name, with ``subset`` and ``revision``.
   Every failure is a ``DataError`` naming the source: a path that does not exist, an unknown split
   (with the available ones), an unreadable file, or a hub that cannot be reached.
-- ``fingerprint(rows, tokenizer, cfg, fmt)``: the cache key of a tokenization: the rows' own
-  fingerprint, the tokenizer file's hash, the options and the data code's source.
+- ``fingerprint(rows, tokenizer, cfg, fmt, template)``: the cache key of a tokenization: the rows'
+  own fingerprint, the tokenizer file's hash, the template (a chat template's text), the options
+  and the data code's source.
 - The bundled demo's paths: ``DEMO_TRAIN``, ``DEMO_EVAL``, ``DEMO_TOKENIZER`` (inside the package).
 """
 
@@ -27,6 +28,7 @@ from typing import Any
 
 import datasets
 
+from purefine.data.chat_template import ChatTemplate
 from purefine.errors import DataError
 
 BUILTIN_DEMO = "builtin:demo"
@@ -41,7 +43,7 @@ COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
 SAVED_MARKERS = ("dataset_dict.json", "state.json")
 
 
-def _builder(path: Path) -> str | None:
+def file_builder(path: Path) -> str | None:
     suffixes = [s.lower() for s in path.suffixes]
     if suffixes and suffixes[-1] in COMPRESSIONS:
         suffixes = suffixes[:-1]
@@ -55,7 +57,7 @@ def is_single_file(source: str) -> bool:
 
 def looks_like_path(source: str) -> bool:
     """A source meant as a local path: it starts like one or ends in a data-file extension."""
-    return source.startswith((".", "/", "~")) or _builder(Path(source)) is not None
+    return source.startswith((".", "/", "~")) or file_builder(Path(source)) is not None
 
 
 def describe(source: str, split: str) -> str:
@@ -63,7 +65,7 @@ def describe(source: str, split: str) -> str:
     return source if is_single_file(source) else f"{source} (split {split})"
 
 
-def _csv_options(path: Path) -> dict[str, Any]:
+def csv_options(path: Path) -> dict[str, Any]:
     """CSV has no types: read every column as a string ("42" stays "42", "NA" stays "NA")."""
     opener = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}.get(path.suffix.lower(), open)
     try:
@@ -90,19 +92,19 @@ def _check_json_lines(path: Path) -> None:
         raise DataError(f"{path}: cannot read ({e})") from None
 
 
-class _MissingSplit(DataError):
-    pass
+class MissingSplit(DataError):
+    """The source exists but has no such split."""
 
 
 def _split_of(loaded: Any, source: str, split: str) -> datasets.Dataset:
     if isinstance(loaded, datasets.DatasetDict):
         if split not in loaded:
-            raise _MissingSplit(f"{source}: no split {split!r}; available: {', '.join(loaded)}")
+            raise MissingSplit(f"{source}: no split {split!r}; available: {', '.join(loaded)}")
         return loaded[split]
     return loaded
 
 
-def _call(source: str, wanted_split: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+def call_loader(source: str, wanted_split: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
     """Run a datasets loader, turning its failures into ``DataError``s that name ``source``."""
     try:
         return fn(*args, **kwargs)
@@ -117,7 +119,7 @@ def _call(source: str, wanted_split: str, fn: Any, *args: Any, **kwargs: Any) ->
         raise DataError(f"{source}: no such local path, and not found on the hub ({' '.join(str(e).split())[:200]})") from None
     except ValueError as e:
         if "Unknown split" in str(e) or "split" in str(e).lower() and "available" in str(e).lower():
-            raise _MissingSplit(f"{source}: no split {wanted_split!r} ({' '.join(str(e).split())[:200]})") from None
+            raise MissingSplit(f"{source}: no split {wanted_split!r} ({' '.join(str(e).split())[:200]})") from None
         raise DataError(f"{source}: cannot load ({' '.join(str(e).split())[:300]})") from None
     except (OSError, datasets.exceptions.DatasetGenerationError) as e:
         cause = e.__cause__ or e
@@ -128,30 +130,30 @@ def _load(source: str, split: str, subset: str | None, revision: str | None, cac
     if source == BUILTIN_DEMO:
         files = {"train": str(DEMO_TRAIN), "validation": str(DEMO_EVAL)}
         if split not in files:
-            raise _MissingSplit(f"{source}: no split {split!r}; available: train, validation")
-        return _call(source, split, datasets.load_dataset, "json", data_files={split: files[split]}, split=split,
+            raise MissingSplit(f"{source}: no split {split!r}; available: train, validation")
+        return call_loader(source, split, datasets.load_dataset, "json", data_files={split: files[split]}, split=split,
                      cache_dir=cache_dir)
     path = Path(source).expanduser()
     if path.is_file():
-        builder = _builder(path)
+        builder = file_builder(path)
         if builder is None:
             raise DataError(f"{path}: unknown data file type {path.suffix!r}; expected .json, .jsonl, .csv or .parquet")
         if path.stat().st_size == 0:
             raise DataError(f"{path}: the data file is empty")
         if builder == "json":
             _check_json_lines(path)
-        extra = _csv_options(path) if builder == "csv" and path.suffix.lower() != ".zst" else {}
-        return _call(source, split, datasets.load_dataset, builder, data_files={"train": str(path)}, split="train",
+        extra = csv_options(path) if builder == "csv" and path.suffix.lower() != ".zst" else {}
+        return call_loader(source, split, datasets.load_dataset, builder, data_files={"train": str(path)}, split="train",
                      cache_dir=cache_dir, **extra)
     if path.is_dir():
         if any((path / m).is_file() for m in SAVED_MARKERS):
-            return _split_of(_call(source, split, datasets.load_from_disk, str(path)), source, split)
-        for file in (f for f in path.rglob("*") if _builder(f) == "json" and f.is_file()):
+            return _split_of(call_loader(source, split, datasets.load_from_disk, str(path)), source, split)
+        for file in (f for f in path.rglob("*") if file_builder(f) == "json" and f.is_file()):
             _check_json_lines(file)
-        return _call(source, split, datasets.load_dataset, str(path), name=subset, split=split, cache_dir=cache_dir)
+        return call_loader(source, split, datasets.load_dataset, str(path), name=subset, split=split, cache_dir=cache_dir)
     if looks_like_path(source):
         raise DataError(f"{source}: data file or directory not found")
-    return _call(source, split, datasets.load_dataset, source, name=subset, split=split, revision=revision,
+    return call_loader(source, split, datasets.load_dataset, source, name=subset, split=split, revision=revision,
                  cache_dir=cache_dir)
 
 
@@ -161,7 +163,7 @@ def load_split(source: str, split: str, *, subset: str | None = None, revision: 
     when the source exists but has no such split."""
     try:
         rows = _load(source, split, subset, revision, cache_dir)
-    except _MissingSplit:
+    except MissingSplit:
         if missing_ok:
             return None
         raise
@@ -191,7 +193,7 @@ def exact_json_columns(rows: datasets.Dataset, source: str) -> tuple[datasets.Da
     stored as JSON text; returns the rows and those column names (decode them with ``json.loads``).
     """
     mixed = [name for name, feature in rows.features.items() if isinstance(feature, datasets.Json)]
-    if not mixed or not is_single_file(source) or _builder(Path(source).expanduser()) != "json":
+    if not mixed or not is_single_file(source) or file_builder(Path(source).expanduser()) != "json":
         return rows, ()
     try:
         exact = _read_json_rows(Path(source).expanduser())
@@ -229,12 +231,15 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 @functools.lru_cache(maxsize=1)
 def _code_hash() -> str:
     here = Path(__file__).parent
-    return hashlib.sha256(b"".join((here / f).read_bytes() for f in ("formats.py", "templates.py", "pipeline.py"))).hexdigest()
+    files = ("formats.py", "templates.py", "chat_template.py", "pipeline.py")
+    return hashlib.sha256(b"".join((here / f).read_bytes() for f in files)).hexdigest()
 
 
-def fingerprint(rows: datasets.Dataset, tokenizer: Any, cfg: Any, fmt: str) -> str:
-    """The cache fingerprint of tokenizing ``rows`` with ``tokenizer`` under ``cfg`` (a DataConfig)."""
+def fingerprint(rows: datasets.Dataset, tokenizer: Any, cfg: Any, fmt: str, template: Any = None) -> str:
+    """The cache fingerprint of tokenizing ``rows`` with ``tokenizer`` under ``cfg`` (a DataConfig);
+    ``template``: the resolved template (a tokenizer's chat template keys the cache by its text)."""
     options = {k: v for k, v in dataclasses.asdict(cfg).items()
                if k in ("template", "column_map", "train_on", "max_seq_len")}
-    key = [rows._fingerprint, tokenizer_fingerprint(tokenizer), fmt, options, _code_hash()]
+    resolved = [template.source, template.special] if isinstance(template, ChatTemplate) else None
+    key = [rows._fingerprint, tokenizer_fingerprint(tokenizer), fmt, options, resolved, _code_hash()]
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:32]

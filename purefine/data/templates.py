@@ -13,6 +13,12 @@ A ``Segment`` is plain text, a named special token (``<|im_end|>``), or the toke
 - ``llama3``: ``<|begin_of_text|>`` then ``<|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|>``.
 - ``none``: BOS, the contents one after another (non-assistant ones end with a newline), EOS after
   each answer.
+- ``auto`` / ``tokenizer``: names resolved with the tokenizer (``formats.resolve_template``): its own
+  Jinja chat template (``purefine.data.chat_template``); ``auto`` falls back to ``alpaca`` when the
+  tokenizer ships none. They render only through ``tokenize_messages`` / ``prompt_ids``.
+
+Tool messages (role ``tool``, after an assistant turn) show under ``chatml``, ``llama3`` and
+``none`` with their role as written; ``alpaca`` and ``llama2-chat`` have no place for them.
 
 A plain-text sample (role ``text``, the ``text`` format) renders the same under every template:
 BOS, the text (all of it trainable), EOS. ``render(messages, add_generation_prompt=True)`` ends
@@ -25,9 +31,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from purefine.errors import ConfigError
+from purefine.errors import ConfigError, DataError
 
-Message = dict  # {"role": "system" | "user" | "assistant" | "text", "content": str, optional "input": str}
+Message = dict  # {"role": "system" | "user" | "assistant" | "tool" | "text", "content": str, optional "input": str, ...}
 SegmentKind = Literal["text", "special", "bos", "eos"]
 
 ALPACA_PREAMBLE = ("Below is an instruction that describes a task. "
@@ -53,24 +59,38 @@ class Template:
     name: str
     render_fn: Callable[[Sequence[Message], bool], list[Segment]]
     stop_tokens: tuple[str, ...] = ()
+    tools: bool = False
+    """Whether the template can show tool messages."""
 
     def render(self, messages: Sequence[Message], add_generation_prompt: bool = False) -> list[Segment]:
         """Messages -> segments (a plain-text sample is BOS, text, EOS under every template)."""
         if len(messages) == 1 and messages[0]["role"] == "text":
             return [Segment("bos"), Segment("text", messages[0]["content"], True, 0), Segment("eos", "", True, 0)]
+        tool = next((j for j, m in enumerate(messages) if m["role"] == "tool"), None)
+        if tool is not None and not self.tools:
+            raise DataError(f"message {tool} has role 'tool', which the {self.name} template cannot show; use "
+                            "--data.template tokenizer (the tokenizer's chat template), chatml or llama3")
         return self.render_fn(messages, add_generation_prompt)
+
+
+# The roles that may follow each role (None: the conversation's start, after an optional system message).
+NEXT_ROLES = {None: ("user",), "user": ("assistant",), "assistant": ("user", "tool"), "tool": ("tool", "assistant")}
 
 
 def validate_conversation(messages: Sequence[Message]) -> str | None:
     """What is wrong with a conversation's turn order, or None: an optional system message first,
-    then user and assistant alternating from a user turn, with at least one assistant turn."""
+    then user and assistant alternating from a user turn (tool messages answer an assistant turn and
+    are followed by more tool messages or an assistant turn), with at least one assistant turn."""
     rest = messages[1:] if messages and messages[0]["role"] == "system" else messages
+    previous = None
     for j, m in enumerate(rest):
-        want = "user" if j % 2 == 0 else "assistant"
-        if m["role"] != want:
+        allowed = NEXT_ROLES.get(previous, ())
+        if m["role"] not in allowed:
             at = j + len(messages) - len(rest)
-            return (f"message {at} has role {m['role']!r} where {want!r} was expected (an optional system "
-                    "message first, then user and assistant turns alternating)")
+            want = " or ".join(repr(r) for r in allowed)
+            return (f"message {at} has role {m['role']!r} where {want} was expected (an optional system "
+                    "message first, then user and assistant turns alternating, tool messages after an assistant turn)")
+        previous = m["role"]
     if not any(m["role"] == "assistant" for m in rest):
         return "the conversation has no assistant turn"
     return None
@@ -167,6 +187,12 @@ def _none(messages: Sequence[Message], generation: bool) -> list[Segment]:
 
 
 TEMPLATES: dict[str, Template] = {}
+TOKENIZER_TEMPLATES = ("auto", "tokenizer")  # names resolved with the tokenizer's own chat template
+
+
+def _with_tokenizer(messages: Sequence[Message], generation: bool) -> list[Segment]:
+    raise ConfigError("the tokenizer's chat template renders with the tokenizer: use formats.tokenize_messages, "
+                      "formats.prompt_ids or formats.resolve_template")
 
 
 def register_template(template: Template) -> Template:
@@ -182,8 +208,9 @@ def get_template(name: str) -> Template:
     return TEMPLATES[name]
 
 
-for _t in (Template("alpaca", _alpaca), Template("llama2-chat", _llama2_chat),
-           Template("chatml", _chatml, ("<|im_end|>",)), Template("llama3", _llama3, ("<|eot_id|>",)),
-           Template("none", _none)):
+for _t in (Template("auto", _with_tokenizer, tools=True), Template("tokenizer", _with_tokenizer, tools=True),
+           Template("alpaca", _alpaca), Template("llama2-chat", _llama2_chat),
+           Template("chatml", _chatml, ("<|im_end|>",), tools=True), Template("llama3", _llama3, ("<|eot_id|>",), tools=True),
+           Template("none", _none, tools=True)):
     register_template(_t)
 TEMPLATES["plain"] = TEMPLATES["none"]
