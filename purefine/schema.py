@@ -136,6 +136,30 @@ def unknown_keys(d: Any, fields: set[str], source: str, prefix: str) -> None:
                           f"{', '.join(sorted(fields))}")
 
 
+def dict_problems(cls: type, d: Any, source: str, *, prefix: str = "", lenient: bool = True) -> list[str]:
+    """Every unknown key (with the closest field name) and every wrongly typed value of ``d`` against
+    the dataclass ``cls``, nested dataclasses included; [] when ``from_dict`` would accept it."""
+    if not isinstance(d, dict):
+        return [f"{source}: {prefix[:-1] + ': ' if prefix else ''}expected a mapping of config keys, found "
+                f"{type(d).__name__} {short_repr(d)}"]
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    out = []
+    for key, value in d.items():
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f" (did you mean {prefix + close[0]!r}?)" if close else ""
+            out.append(f"{source}: unknown key {prefix + str(key)!r}{hint}")
+        elif dataclasses.is_dataclass(hints[key]) and isinstance(value, dict):
+            out += dict_problems(hints[key], value, source, prefix=f"{prefix}{key}.", lenient=lenient)
+        else:
+            try:
+                convert(hints[key], value, f"{prefix}{key}", source, lenient=lenient)
+            except ConfigError as e:
+                out.append(str(e))
+    return out
+
+
 def from_dict(cls: type, d: dict, source: str = "config", *, prefix: str = "", lenient: bool = False) -> Any:
     """Build ``cls`` from ``d``; unknown keys and wrong types are ConfigErrors naming ``source``."""
     hints = typing.get_type_hints(cls)

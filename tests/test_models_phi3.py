@@ -49,8 +49,10 @@ def test_longrope_is_refused_with_an_error_naming_it(rope, tmp_path):
 
 
 def test_no_head_dim_field_and_no_biases():
-    cfg = pf.models.config_from_hf({**HF, "head_dim": 16})  # not a Phi-3 field: hidden_size / heads
-    assert cfg.head_dim == 8 and "head_dim" not in cfg.to_hf()
+    plain = pf.models.config_from_hf(HF)  # no field of Phi3Config: hidden_size / heads
+    assert plain.head_dim == 8 and "head_dim" not in plain.to_hf()
+    cfg = pf.models.config_from_hf({**HF, "head_dim": 16})  # transformers honours one given (getattr), so do we
+    assert cfg.head_dim == 16 and cfg.to_hf()["head_dim"] == 16
     with pytest.raises(ConfigError, match="attention_bias / mlp_bias are not part of this family"):
         Config(attention_bias=True)
 

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from purefine import losses, ops, tree
 from purefine.errors import ConfigError, DataError
 from purefine.models import decoder
-from purefine.models.family import Context, Family, Gather, ModelConfig
+from purefine.models.family import Context, Family, Gather, ModelConfig, hf_fields
 
 HEADS = {"classify": "BertForSequenceClassification", "mlm": "BertForMaskedLM"}
 ARCHITECTURE_HEADS = {**{v: k for k, v in HEADS.items()}, "BertForPreTraining": "mlm"}
@@ -146,7 +146,7 @@ class BertConfig(ModelConfig):
         if d.get("position_embedding_type", "absolute") != "absolute":
             raise ConfigError(f"{source}: position_embedding_type: expected 'absolute', found {d['position_embedding_type']!r}")
         names = {f.name for f in dataclasses.fields(cls)} - {"head", "label_names", "num_labels"}
-        kwargs = {k: d[k] for k in names if d.get(k) is not None}
+        kwargs = hf_fields(cls, d, names)
         id2label = d.get("id2label")
         if isinstance(id2label, dict) and id2label:
             kwargs["label_names"] = tuple(str(id2label.get(str(i), id2label.get(i))) for i in range(len(id2label)))

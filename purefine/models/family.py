@@ -14,6 +14,7 @@ file probes it (no ``hasattr``): what it can do is a field here.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -68,6 +69,14 @@ class Context:
     sin: torch.Tensor | None
     masks: tuple[torch.Tensor | None, ...]
     cache: ops.KVCache | None = None
+
+
+def hf_fields(cls: type, d: dict, names: set[str]) -> dict:
+    """The config.json values of ``names`` for the dataclass ``cls``: missing keys are left to the
+    defaults; an explicit null is kept where the field admits None (``"eos_token_id": null`` means
+    none, not the default) and left to the default elsewhere."""
+    nullable = {f.name for f in dataclasses.fields(cls) if "None" in str(f.type)}
+    return {k: d[k] for k in names if k in d and (d[k] is not None or k in nullable)}
 
 
 def normal_init(cfg: Any, name: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:

@@ -37,7 +37,7 @@ import torch
 
 from purefine import ops
 from purefine.errors import ConfigError
-from purefine.models.family import Context, Family, Gather, ModelConfig
+from purefine.models.family import Context, Family, Gather, ModelConfig, hf_fields
 
 CONV1D = r"transformer\.h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight"
 # Buffers old checkpoints (the original ``gpt2`` upload) carry: the causal mask, not parameters.
@@ -124,7 +124,7 @@ class GPT2Config(ModelConfig):
         if d.get("add_cross_attention"):
             raise ConfigError(f"{source}: add_cross_attention: purefine's gpt2 is decoder-only, found true")
         names = {f.name for f in dataclasses.fields(cls)} - {"n_inner", "pad_token_id"}
-        kwargs = {k: d[k] for k in names if d.get(k) is not None}
+        kwargs = hf_fields(cls, d, names)
         try:
             return cls(**kwargs, n_inner=d.get("n_inner"), pad_token_id=d.get("pad_token_id"))
         except TypeError as e:

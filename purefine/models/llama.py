@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from purefine import ops
 from purefine.errors import ConfigError
-from purefine.models.family import Context, Family, Gather, ModelConfig
+from purefine.models.family import Context, Family, Gather, ModelConfig, hf_fields
 
 # Tensor parallelism: attention heads and MLP columns split over tp ranks (torchtitan's table).
 TP_PLAN = {
@@ -99,7 +99,7 @@ class LlamaConfig(ModelConfig):
         rope.pop("rope_theta", None)
         scaling = d.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
         names = {f.name for f in dataclasses.fields(cls)} - {"rope_theta", "rope_scaling"}
-        kwargs = {k: d[k] for k in names if d.get(k) is not None}
+        kwargs = hf_fields(cls, d, names)
         try:
             return cls(**kwargs, rope_theta=float(theta), rope_scaling=dict(scaling) if scaling else None)
         except TypeError as e:

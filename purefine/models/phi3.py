@@ -69,7 +69,7 @@ class Phi3Config(llama.LlamaConfig):
             raise ConfigError(f"{source}: rope_scaling: LongRoPE (Phi-3 128K context) is not supported; use a 4K "
                               "Phi-3 checkpoint")
         factor = d.get("partial_rotary_factor", rope.get("partial_rotary_factor") if isinstance(rope, dict) else None)
-        d = {**d, "head_dim": None, "partial_rotary_factor": 1.0 if factor is None else factor}
+        d = {**d, "partial_rotary_factor": 1.0 if factor is None else factor}
         if isinstance(rope, dict) and "partial_rotary_factor" in rope:
             d["rope_parameters"] = {k: v for k, v in rope.items() if k != "partial_rotary_factor"}
         return super().from_hf(d, source)
@@ -77,8 +77,10 @@ class Phi3Config(llama.LlamaConfig):
     def to_hf(self, dtype: torch.dtype | None = None) -> dict:
         """A Hugging Face ``config.json`` dict for ``Phi3ForCausalLM``."""
         d = super().to_hf(dtype)
-        for key in ("attention_bias", "mlp_bias", "head_dim"):
+        for key in ("attention_bias", "mlp_bias"):
             d.pop(key)
+        if self.head_dim == self.hidden_size // self.num_attention_heads:
+            d.pop("head_dim")  # transformers' Phi3Config derives it (and honours one that is given)
         d["rope_parameters"]["partial_rotary_factor"] = self.partial_rotary_factor
         return d
 
