@@ -356,6 +356,12 @@ def merge(params: tree.Tree, dtype: torch.dtype | None = None) -> tree.Tree:
     return tree.map(lambda x: x.dense(dtype) if is_lora(x) else x, params, is_leaf=tree.is_leaf)
 
 
+def base_only(params: tree.Tree) -> tree.Tree:
+    """Every LoRA / DoRA leaf replaced by its frozen base (a tensor (out, in) or an NF4 leaf, not a copy):
+    the model with its adapters removed, e.g. DPO's reference. Other leaves are kept as they are."""
+    return tree.map(lambda x: x.base if is_lora(x) else x, params, is_leaf=tree.is_leaf)
+
+
 def adapters(params: tree.Tree) -> dict[str, LoRA]:
     """{weight path: LoRA leaf} for every LoRA leaf of the tree, in flattening order."""
     return {p: x for p, x in tree.leaves_with_paths(params, is_leaf=tree.is_leaf) if is_lora(x)}

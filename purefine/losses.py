@@ -6,6 +6,12 @@
   weight the gradients are formed chunk by chunk in forward (nothing is recomputed). An optional
   final-logit soft-cap (Gemma-2's ``final_logit_softcapping``) is applied inside each chunk.
 - ``softcap(logits, cap)``: ``cap * tanh(logits / cap)``.
+- ``token_logprobs(h, w, targets)``: log p(target) per token through the output projection, in
+  chunks (checkpointed under grad: one (chunk x V) logits block alive at a time), for sequence
+  log-probabilities (preference losses).
+- ``chunked_distillation(h, w, h_teacher, w_teacher, labels, alpha=, temperature=)``: the
+  knowledge-distillation loss ``alpha * T² * KL(teacher_T || student_T) + (1 - alpha) * CE`` per
+  token, in chunks, so neither model's (tokens x vocab) logits exist whole.
 
 Every loss returns ``(summed loss (float32), count)``: the training step divides by the count over
 all accumulated micro-batches, so k micro-batches equal one large batch.
@@ -129,3 +135,70 @@ def chunked_cross_entropy(
         else:
             total = total + _chunk_loss(h[sl], w, labels[sl], softcap)
     return total, count
+
+
+def _chunk_rows(chunk_size: int, vocab: int) -> int:
+    """Rows per chunk: ``chunk_size`` at most, fewer for a large vocabulary (``LOGITS_BUDGET``)."""
+    return min(chunk_size, max(64, LOGITS_BUDGET // max(1, vocab)))
+
+
+def _token_logprobs(h: torch.Tensor, w: Any, targets: torch.Tensor, cap: float | None) -> torch.Tensor:
+    logits = softcap(linear(h, w).float(), cap)
+    return logits.gather(1, targets[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
+
+
+def token_logprobs(h: torch.Tensor, w: Any, targets: torch.Tensor, *, chunk_size: int = 1024,
+                   softcap: float | None = None) -> torch.Tensor:
+    """h (N, D) hidden states, w (V, D) output weight (any leaf kind), targets (N,) token ids (no -100)
+    -> log p(target) (N,) float32 under ``softcap``-capped logits. Chunked over the 2-D hidden states;
+    under grad each chunk is checkpointed (its logits recomputed in backward), so at most one
+    (chunk x V) logits block is alive."""
+    if h.dim() != 2:
+        raise ValueError(f"token_logprobs: expected 2-D hidden states (N, D), got {tuple(h.shape)}")
+    rows = _chunk_rows(chunk_size, w.shape[0])
+    parts = []
+    for start in range(0, h.shape[0], rows):
+        sl = slice(start, start + rows)
+        if torch.is_grad_enabled():
+            parts.append(checkpoint(_token_logprobs, h[sl], w, targets[sl], softcap, use_reentrant=False))
+        else:
+            parts.append(_token_logprobs(h[sl], w, targets[sl], softcap))
+    return torch.cat(parts) if parts else h.new_zeros(0, dtype=torch.float32)
+
+
+def _distill_chunk(h: torch.Tensor, w: Any, h_teacher: torch.Tensor, w_teacher: Any, labels: torch.Tensor,
+                   alpha: float, temperature: float, caps: tuple[float | None, float | None]) -> tuple[torch.Tensor, ...]:
+    """(loss, KL, CE) sums (float32) of one chunk; the teacher's logits without gradient."""
+    with torch.no_grad():
+        teacher = F.log_softmax(softcap(linear(h_teacher, w_teacher).float(), caps[1]) / temperature, dim=-1)
+    logits = softcap(linear(h, w).float(), caps[0])
+    student = F.log_softmax(logits / temperature, dim=-1)
+    kl = F.kl_div(student, teacher, log_target=True, reduction="sum")  # sum of p_t (log p_t - log p_s)
+    ce = F.cross_entropy(logits, labels, reduction="sum")
+    return alpha * temperature**2 * kl + (1 - alpha) * ce, kl.detach(), ce.detach()
+
+
+def chunked_distillation(h: torch.Tensor, w: Any, h_teacher: torch.Tensor, w_teacher: Any, labels: torch.Tensor, *,
+                         alpha: float, temperature: float = 1.0, chunk_size: int = 1024, softcap: float | None = None,
+                         teacher_softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Knowledge distillation over N labelled tokens: h (N, D) and w (V, D) the student's hidden
+    states and output weight, h_teacher (N, D') and w_teacher (V, D') the teacher's (no gradient),
+    labels (N,) the next-token ids (no -100) -> (loss sum, KL sum, CE sum), each () float32.
+
+    Per token: ``alpha * T² * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, label)`` with s,
+    t the student's and teacher's logits (Hinton et al.'s soft targets, the T² keeping the soft
+    gradients' scale; alpha = 1 is pure distillation, 0 plain fine-tuning). The KL is the full
+    divergence (teacher entropy included) at temperature T. Chunked over tokens and checkpointed
+    under grad, so at most one (chunk x V) block of each model's logits is alive.
+    """
+    if h.dim() != 2 or h_teacher.dim() != 2 or h.shape[0] != h_teacher.shape[0]:
+        raise ValueError(f"chunked_distillation: expected 2-D hidden states with the same N, got "
+                         f"{tuple(h.shape)} and {tuple(h_teacher.shape)}")
+    rows = _chunk_rows(chunk_size, w.shape[0])
+    sums = [h.new_zeros((), dtype=torch.float32) for _ in range(3)]
+    for start in range(0, h.shape[0], rows):
+        sl = slice(start, start + rows)
+        args = (h[sl], w, h_teacher[sl], w_teacher, labels[sl], alpha, temperature, (softcap, teacher_softcap))
+        out = checkpoint(_distill_chunk, *args, use_reentrant=False) if torch.is_grad_enabled() else _distill_chunk(*args)
+        sums = [a + b for a, b in zip(sums, out)]
+    return sums[0], sums[1], sums[2]
