@@ -16,6 +16,10 @@
 - ``bench_generate()``: decode throughput on random weights, for scripts/bench.py.
 
 Any params tree works, leaf kinds included (LoRA, NF4): every weight goes through ``ops.linear``.
+Sharded params (DTensors under data parallelism / FSDP, e.g. during a torchrun training run) work
+with ``gather=layout.gather``: each block's weights are gathered just before use, as in training,
+so every rank computes the same tokens as one process (tensor-parallel layouts are not supported:
+the KV cache holds every head).
 Shapes: B batch, L padded prompt length, S filled cache length, V vocabulary.
 """
 
@@ -32,6 +36,7 @@ from purefine import models, ops, tree
 from purefine.errors import ConfigError, DataError
 
 PAD_ID = 0  # the token fed at padded slots; any valid id works, the mask hides it
+Gather = Callable[[Any], Any]  # the FSDP hook: a subtree of (sharded) params -> the weights to compute with
 
 
 @dataclass(frozen=True)
@@ -72,13 +77,14 @@ def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def _last_logits(cfg: Any, params: dict, h: torch.Tensor) -> torch.Tensor:
+def _last_logits(cfg: Any, params: dict, h: torch.Tensor, gather: Gather | None = None) -> torch.Tensor:
     """h (B, T, D) -> float32 logits (B, V) of the last position."""
-    return ops.linear(h[:, -1], models.output_weight(cfg, params)).float()
+    weight = models.output_weight(cfg, params)
+    return ops.linear(h[:, -1], gather(weight) if gather is not None else weight).float()
 
 
 def prefill(cfg: Any, params: dict, tokens: torch.Tensor, mask: torch.Tensor | None,
-            cache: ops.KVCache) -> tuple[torch.Tensor, DecodeState]:
+            cache: ops.KVCache, *, gather: Gather | None = None) -> tuple[torch.Tensor, DecodeState]:
     """Run the prompts through the model, filling an empty ``cache``.
 
     tokens (B, L), mask (B, L) bool (None = no padding) -> (logits (B, V) float32 of the last
@@ -90,18 +96,19 @@ def prefill(cfg: Any, params: dict, tokens: torch.Tensor, mask: torch.Tensor | N
         key_mask = None
     else:
         positions, key_mask = positions_from_mask(mask), mask.bool()
-    h, cache = models.hidden_states(cfg, params, tokens, positions=positions, mask=key_mask, cache=cache)
-    return _last_logits(cfg, params, h), DecodeState(cache, key_mask, positions[:, -1] + 1)
+    h, cache = models.hidden_states(cfg, params, tokens, positions=positions, mask=key_mask, cache=cache, gather=gather)
+    return _last_logits(cfg, params, h, gather), DecodeState(cache, key_mask, positions[:, -1] + 1)
 
 
-def decode_step(cfg: Any, params: dict, state: DecodeState, token: torch.Tensor) -> tuple[torch.Tensor, DecodeState]:
+def decode_step(cfg: Any, params: dict, state: DecodeState, token: torch.Tensor, *,
+                gather: Gather | None = None) -> tuple[torch.Tensor, DecodeState]:
     """Feed one token per row: token (B,) int64 -> (logits (B, V) float32, the advanced state)."""
     key_mask = state.key_mask
     if key_mask is not None:
         key_mask = torch.cat([key_mask, key_mask.new_ones((key_mask.shape[0], 1))], dim=1)
     h, cache = models.hidden_states(cfg, params, token[:, None], positions=state.next_positions[:, None],
-                                    mask=key_mask, cache=state.cache)
-    return _last_logits(cfg, params, h), DecodeState(cache, key_mask, state.next_positions + 1)
+                                    mask=key_mask, cache=state.cache, gather=gather)
+    return _last_logits(cfg, params, h, gather), DecodeState(cache, key_mask, state.next_positions + 1)
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -219,14 +226,16 @@ def _check_options(max_new_tokens: int, stop: Sequence[str], decode: Callable | 
 def generate(cfg: Any, params: dict, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, eos_ids: Sequence[int] = (),
              stop: Sequence[str] = (), decode: Callable[[list[int]], str] | None = None, seed: int = 0,
-             dtype: torch.dtype | None = None) -> list[list[int]]:
+             dtype: torch.dtype | None = None, gather: Gather | None = None) -> list[list[int]]:
     """Generate up to ``max_new_tokens`` for each prompt; returns the new tokens of each (B lists).
 
     Prompts of different lengths are left-padded into one batch; positions skip the padding, so
     each row equals its unpadded generation. A row stops after a token in ``eos_ids`` (included in
     its output) or once ``decode(new tokens)`` contains a stop string (the tokens that complete it
     are included; ``trim_stop`` cuts the text). ``dtype`` casts the tensor leaves (the activation
-    and KV-cache dtype); by default the params' own dtype is kept.
+    and KV-cache dtype); by default the params' own dtype is kept. ``gather``: the hook for
+    sharded params (``Layout.gather``; every rank of the mesh calls ``generate`` with the same
+    prompts and gets the same tokens).
     """
     _check_options(max_new_tokens, stop, decode)
     check_sampling(temperature, top_k, top_p)
@@ -236,7 +245,7 @@ def generate(cfg: Any, params: dict, prompts: list[list[int]], *, max_new_tokens
     tokens, mask = left_pad(prompts, device=device)
     cache = models.new_cache(cfg, len(prompts), tokens.shape[1] + max_new_tokens,
                              dtype=activation_dtype(cfg, params), device=device)
-    logits, state = prefill(cfg, params, tokens, mask, cache)
+    logits, state = prefill(cfg, params, tokens, mask, cache, gather=gather)
     generator = torch.Generator(device=device).manual_seed(seed)
     outputs: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
@@ -249,7 +258,7 @@ def generate(cfg: Any, params: dict, prompts: list[list[int]], *, max_new_tokens
                 done[row] = _is_done(outputs[row], eos, stop, decode)
         if all(done) or step == max_new_tokens - 1:
             break
-        logits, state = decode_step(cfg, params, state, next_tokens)
+        logits, state = decode_step(cfg, params, state, next_tokens, gather=gather)
     return outputs
 
 

@@ -163,8 +163,10 @@ def block_scales(q: NF4, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     Computed in float32 and rounded to ``dtype`` once. (torchao rounds ``scale_codes / factor`` to
     the weight's dtype before adding the mean; in bf16 the cancellation costs up to 2^-9 of the
     group's spread, more than the int8 step itself for small blocks. In float32 the two agree.)
+    Each factor serves ``len(scale_codes) / len(scale_factors)`` consecutive codes: 256, or 1 in a
+    tensor-parallel slice whose blocks come from several groups (``shard.nf4_tp.local_leaf``).
     """
-    groups = q.scale_codes.view(-1, GROUP_SIZE)
+    groups = q.scale_codes.reshape(q.scale_factors.numel(), -1)
     scales = (groups / q.scale_factors[:, None]).flatten()[: q.num_blocks] + q.scale_mean
     return scales.to(dtype)
 

@@ -1,4 +1,5 @@
-"""Training-state checkpoints: round trip, atomic commit, pruning, a failing disk, bad files."""
+"""Training-state checkpoints (DCP): round trip, the directory's format, atomic commit, pruning,
+a failing disk, async saves, bad files."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 
 import purefine as pf
 from purefine.checkpoint import state as ckpt
@@ -39,6 +41,33 @@ def test_round_trip_restores_trainable_leaves_optimizer_rng_and_position(tmp_pat
     assert not any(".base" in name for name in saved)  # frozen weights are rebuilt, not saved
 
 
+def test_a_checkpoint_is_a_dcp_checkpoint_that_torch_reads(tmp_path):
+    _, _, _, state = lora_state()
+    path = ckpt.save(tmp_path, state, pf.lora.trainable)
+    files = sorted(p.name for p in path.iterdir())
+    assert files[0] == "meta.json" and len(files) == 2 and files[1].endswith(".safetensors")
+    assert all(not p.read_bytes().startswith(b"\x80") for p in path.iterdir())  # no pickle: no .metadata
+    index = dcp.HuggingFaceStorageReader(str(path)).read_metadata().state_dict_metadata
+    name = "params.model.layers.1.self_attn.v_proj.weight.lora_b"
+    assert tuple(index[name].size) == tuple(state.params["model"]["layers"][1]["self_attn"]["v_proj"]["weight"].lora_b.shape)
+    got = {name: torch.zeros(index[name].size), "rng": torch.zeros_like(state.rng)}
+    dcp.load(got, storage_reader=dcp.HuggingFaceStorageReader(str(path)))  # torch's own reader, no purefine code
+    assert torch.equal(got[name], state.params["model"]["layers"][1]["self_attn"]["v_proj"]["weight"].lora_b)
+    assert torch.equal(got["rng"], state.rng)
+
+
+def test_async_save_writes_what_the_state_held_when_it_was_called(tmp_path):
+    _, params, opt, state = lora_state()
+    leaf = state.params["model"]["layers"][0]["self_attn"]["q_proj"]["weight"].lora_a
+    before = leaf.clone()
+    pending = ckpt.save(tmp_path, state, pf.lora.trainable, async_save=True)
+    leaf.add_(1.0)  # the next optimizer step updates the leaves in place
+    path = pending.wait()
+    assert path == tmp_path / "step-00000002" and ckpt.latest(tmp_path) == path
+    back = ckpt.load(path, pf.train.init(params, opt, trainable=pf.lora.trainable, seed=5), pf.lora.trainable)
+    assert torch.equal(back.params["model"]["layers"][0]["self_attn"]["q_proj"]["weight"].lora_a, before)
+
+
 def test_prune_keeps_the_last_k_and_ignores_partial_directories(tmp_path):
     _, _, _, state = lora_state()
     for step in (2, 4, 6):
@@ -51,16 +80,22 @@ def test_prune_keeps_the_last_k_and_ignores_partial_directories(tmp_path):
     assert not (tmp_path / ".step-00000008.tmp").exists()
 
 
-def test_a_failing_disk_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
-    _, params, opt, state = lora_state()
-    good = ckpt.save(tmp_path, state, pf.lora.trainable)
+class FullDisk(dcp.FileSystemWriter):
+    """A DCP writer whose disk is full: every data write fails as the OS would report it."""
 
-    def full_disk(*args, **kwargs):
+    def write_data(self, plan, planner):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(ckpt, "save_file", full_disk)
-    with pytest.raises(CheckpointError, match=r"\(No space left on device\); the previous checkpoint .*step-00000002 is intact"):
-        ckpt.save(tmp_path, state.replace(step=3), pf.lora.trainable)
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_a_failing_disk_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch, async_save):
+    _, params, opt, state = lora_state()
+    good = ckpt.save(tmp_path, state, pf.lora.trainable)
+    monkeypatch.setattr(ckpt, "writer", lambda path: FullDisk(path))
+    message = r"\(No space left on device\); the previous checkpoint .*step-00000002 is intact"
+    with pytest.raises(CheckpointError, match=message):
+        result = ckpt.save(tmp_path, state.replace(step=3), pf.lora.trainable, async_save=async_save)
+        result.wait() if async_save else None
     monkeypatch.undo()
     assert ckpt.latest(tmp_path) == good and not list(tmp_path.glob(".step-*"))
     ckpt.load(good, pf.train.init(params, opt, trainable=pf.lora.trainable), pf.lora.trainable)
@@ -72,8 +107,9 @@ def test_mismatched_or_corrupt_checkpoints_are_errors(tmp_path):
     full = pf.train.init(pf.models.init(cfg), opt)
     with pytest.raises(CheckpointError, match="does not match this run's trainable state"):
         ckpt.load(path, full, pf.train.all_floating)
-    with pytest.raises(CheckpointError, match="saved by 1 processes, resuming with 2"):
-        ckpt.load(path, state, pf.lora.trainable, world_size=2)
+    other = pf.train.init(pf.lora.apply(pf.models.init(cfg), rank=8, alpha=8), opt, trainable=pf.lora.trainable)
+    with pytest.raises(CheckpointError, match=r"lora_a has shape \[4, 64\], this run expects \[8, 64\]"):
+        ckpt.load(path, other, pf.lora.trainable)
     (path / "meta.json").write_text("{")
     with pytest.raises(CheckpointError, match="meta.json: not valid JSON"):
         ckpt.load(path, state, pf.lora.trainable)

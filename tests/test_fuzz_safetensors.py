@@ -295,7 +295,8 @@ def test_load_peft_refuses_a_malformed_adapter(originals, tmp_path_factory, data
 META_DEFECTS: dict[str, st.SearchStrategy] = {
     "format": junk(3).filter(lambda v: v != train_state.FORMAT),
     "step": junk(3).filter(lambda v: not (isinstance(v, int) and not isinstance(v, bool) and v >= 0)),
-    "world_size": junk(3).filter(lambda v: v != 1 and v is not True),
+    "world_size": junk(3).filter(lambda v: not (isinstance(v, int) and not isinstance(v, bool) and v >= 1)),
+    "data_position": junk(3).filter(lambda v: v is not None and not isinstance(v, dict)),
 }
 
 
@@ -303,7 +304,7 @@ META_DEFECTS: dict[str, st.SearchStrategy] = {
 @given(data=st.data())
 def test_train_state_loader_refuses_a_malformed_checkpoint(originals, tmp_path_factory, data):
     path = copy_dir(originals["state"], tmp_path_factory)
-    state_file = next(path.glob("state-*.safetensors"))
+    state_file = next(path.glob("*.safetensors"))
     meta = json.loads((path / "meta.json").read_text())
     kind = data.draw(st.sampled_from(["weights", "meta_key", "meta_json", "no_meta", "wrong_run"]))
     if kind == "weights":

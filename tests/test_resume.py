@@ -1,4 +1,5 @@
-"""Exact resume, crash safety (SIGKILL at random moments and inside a save), Ctrl-C saves, the NaN guard."""
+"""Exact resume, crash safety (SIGKILL at random moments and inside a save), Ctrl-C saves, the NaN guard;
+checkpoints are DCP directories, also written in the background (--async-save)."""
 
 from __future__ import annotations
 
@@ -36,11 +37,14 @@ def final_tensors(summary: dict) -> dict[str, torch.Tensor]:
     return load_file(os.path.join(path, name))
 
 
-@pytest.mark.parametrize("peft", ["none", "lora", "qlora"])
-def test_ten_plus_ten_steps_equal_twenty_bit_for_bit(tmp_path, peft):
+@pytest.mark.parametrize("peft, async_save", [("none", False), ("lora", False), ("qlora", False), ("lora", True)])
+def test_ten_plus_ten_steps_equal_twenty_bit_for_bit(tmp_path, peft, async_save):
     whole = main(run_cfg(tmp_path, "whole", peft=peft))
-    first = main(run_cfg(tmp_path, "split", peft=peft, stop_after=10, save_every=10))
+    first = main(run_cfg(tmp_path, "split", peft=peft, stop_after=10, save_every=4, async_save=async_save))
     assert first["steps"] == 10
+    saved = state_io.complete_steps(tmp_path / "split" / "checkpoints")
+    assert [p.name for p in saved] == ["step-00000008", "step-00000010"]  # --keep-last 2
+    assert any(saved[-1].glob("*.safetensors")) and state_io.read_meta(saved[-1])["step"] == 10
     second = main(run_cfg(tmp_path, "split", peft=peft, save_every=10, resume="latest"))
     assert second["resumed_from"].endswith("step-00000010") and second["steps"] == 20
     assert first["losses"] + second["losses"] == whole["losses"]
@@ -53,14 +57,14 @@ import os, signal, sys
 import purefine.checkpoint.state as state_io
 mode = os.environ.get("KILL_IN_SAVE")
 if mode:
-    original = state_io.save_file
+    original = state_io._commit
     calls = []
-    def dying_save_file(*args, **kwargs):
+    def dying_commit(*args, **kwargs):
         calls.append(1)
-        original(*args, **kwargs)
-        if len(calls) == int(mode):   # the shard is on disk, meta.json and the rename are not
+        if len(calls) == int(mode):   # DCP's shards are on disk, meta.json and the rename are not
             os.kill(os.getpid(), signal.SIGKILL)
-    state_io.save_file = dying_save_file
+        original(*args, **kwargs)
+    state_io._commit = dying_commit
 sys.argv = ["train.py", *sys.argv[1:]]
 from purefine.config import TrainConfig, parse_train_args
 from purefine.recipes import run
@@ -85,7 +89,8 @@ def assert_resumable(tmp_path, out):
     ckpts = state_io.complete_steps(out / "checkpoints")
     for p in ckpts:
         assert (p / "meta.json").exists() and state_io.read_meta(p)["step"] == int(p.name.split("-")[1])
-    done = subprocess.run([sys.executable, "-c", WRAPPER, *cli_args(tmp_path, out, *(["--resume", "latest"] if ckpts else []))],
+    again = ["--resume", "latest"] if ckpts else ["--overwrite"]  # killed before its first save: start over
+    done = subprocess.run([sys.executable, "-c", WRAPPER, *cli_args(tmp_path, out, *again)],
                           cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-800:]
     assert json.loads((out / "summary.json").read_text())["steps"] == 12
@@ -97,7 +102,8 @@ def test_sigkill_inside_a_save_never_leaves_a_checkpoint_that_looks_valid(tmp_pa
     proc.communicate(timeout=300)
     assert proc.returncode == -signal.SIGKILL
     assert [p.name for p in state_io.complete_steps(out / "checkpoints")] == ["step-00000002"]
-    assert (out / "checkpoints" / ".step-00000004.tmp").exists()  # the partial one, ignored
+    partial = out / "checkpoints" / ".step-00000004.tmp"
+    assert any(partial.glob("*.safetensors")) and not (partial / "meta.json").exists()  # written, not committed: ignored
     assert_resumable(tmp_path, out)
 
 

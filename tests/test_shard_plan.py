@@ -1,8 +1,10 @@
 """Sharding plans as data, in one process: placements per style and mesh, LoRA / NF4 children,
-shard regions against torch.chunk, the sliced double quantization, pipeline stage ranges."""
+NF4 slices for tensor parallelism, shard regions against torch.chunk, the sliced double
+quantization, pipeline stage ranges, owners and tied weights."""
 
 from __future__ import annotations
 
+import dataclasses
 from types import SimpleNamespace
 
 import pytest
@@ -11,9 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.distributed.tensor import Replicate, Shard
 
-from purefine import lora, models, nf4, shard
+from purefine import lora, models, nf4, shard, tree
 from purefine.errors import ConfigError
-from purefine.shard import checkpoint_io, pipeline, plan
+from purefine.shard import checkpoint_io, nf4_tp, plan, stages
 
 R = Replicate()
 SIZES = {"dp_replicate": 1, "dp_shard": 2, "tp": 2}
@@ -75,10 +77,46 @@ def test_nf4_children_shard_only_whole_groups(shape, ranks, split) -> None:
     assert placed.scale_mean == (R, R, R)
 
 
-def test_nf4_weights_refuse_tensor_parallel() -> None:
-    q = nf4.quantize_tensor(torch.randn(256, 128))
-    with pytest.raises(ConfigError, match="NF4 weight cannot be split over tensor parallel"):
-        plan.leaf_placements(q, "model.layers.0.mlp.up_proj.weight", "colwise", SIZES)
+def test_nf4_weights_split_over_tensor_parallel_in_the_row_block_layout() -> None:
+    q = nf4_tp.to_tp_layout(nf4.quantize_tensor(torch.randn(256, 128)))
+    assert tuple(q.codes.shape) == (256, 64) and tuple(q.scale_codes.shape) == (256, 2)
+    col = plan.leaf_placements(q, "model.layers.0.mlp.up_proj.weight", "colwise", SIZES)
+    assert col.codes == col.scale_codes == (R, Shard(1), Shard(0)) and col.scale_factors == col.scale_mean == (R, R, R)
+    row = plan.leaf_placements(q, "model.layers.0.mlp.down_proj.weight", "rowwise", SIZES)
+    assert row.codes == row.scale_codes == (R, Shard(0), Shard(1))
+
+
+@pytest.mark.parametrize("shape, style, tp, message", [
+    ((256, 96), "colwise", 2, "rows are whole blocks of 64"),
+    ((255, 128), "colwise", 2, "row count divisible by 2"),
+    ((256, 192), "rowwise", 2, r"columns per rank \(in / 2\) a multiple of 64"),
+])
+def test_nf4_weights_that_cannot_split_over_tp_are_named(shape, style, tp, message) -> None:
+    q = nf4.quantize_tensor(torch.randn(shape))
+    path, sizes = "model.layers.0.mlp.up_proj.weight", {"dp_replicate": 1, "dp_shard": 1, "tp": tp}
+    with pytest.raises(ConfigError, match=f"{path}: an NF4 weight split over {tp} .*{message}"):
+        plan.leaf_placements(q, path, style, sizes)
+
+
+@settings(max_examples=12, deadline=None)
+@given(rows=st.integers(1, 12), blocks=st.integers(1, 6), tp=st.sampled_from([1, 2, 4]), rowwise=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_nf4_tensor_parallel_slices_dequantize_to_the_whole_weights_slices(rows, blocks, tp, rowwise, seed) -> None:
+    """Each rank's ``local_leaf`` (its rows or columns of the row-block layout, the whole weight's
+    group factors) dequantizes bit for bit to its slice of the whole weight; the layout round-trips."""
+    shape = (rows * (1 if rowwise else tp), blocks * nf4.BLOCK_SIZE * (tp if rowwise else 1))
+    q = nf4.quantize_tensor(torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 3)
+    layout, whole = nf4_tp.to_tp_layout(q), q.dense()
+    back = nf4_tp.from_tp_layout(layout)
+    for child in ("codes", "scale_codes", "scale_factors", "scale_mean"):
+        assert torch.equal(getattr(back, child), getattr(q, child)), child
+    dim = 1 if rowwise else 0
+    for rank in range(tp):
+        codes, scale_codes = layout.codes.chunk(tp, dim)[rank], layout.scale_codes.chunk(tp, dim)[rank]
+        piece = nf4.NF4(codes, scale_codes, layout.scale_factors, layout.scale_mean, q.shape, q.dtype)
+        size = whole.shape[dim] // tp
+        local = nf4_tp.local_leaf(piece, 0 if rowwise else rank * size, rank * size if rowwise else 0)
+        assert torch.equal(local.dense(), whole.narrow(dim, rank * size, size)), (rank, shape)
 
 
 def _fake_mesh(sizes: tuple[int, ...], coord: tuple[int, ...]) -> SimpleNamespace:
@@ -125,21 +163,42 @@ def test_stage_ranges_and_owners() -> None:
         shard.stage_ranges(2, 3)
     ranges = shard.stage_ranges(2, 2)
     cfg = models.preset("llama-debug")
-    assert pipeline.owner_stage(cfg, "model.embed_tokens.weight", ranges) == 0
-    assert pipeline.owner_stage(cfg, "model.layers.1.mlp.up_proj.weight.lora_a", ranges) == 1
-    assert pipeline.owner_stage(cfg, "lm_head.weight", ranges) == 1
+    assert stages.owner_stage(cfg, "model.embed_tokens.weight", ranges) == 0
+    assert stages.owner_stage(cfg, "model.layers.1.mlp.up_proj.weight.lora_a", ranges) == 1
+    assert stages.owner_stage(cfg, "lm_head.weight", ranges) == 1
     gpt2 = models.preset("gpt2-debug")
-    assert pipeline.owner_stage(gpt2, "transformer.wpe.weight", ranges) == 0
-    assert pipeline.owner_stage(gpt2, "transformer.h.1.attn.c_attn.weight", ranges) == 1
-    assert pipeline.owner_stage(gpt2, "transformer.ln_f.bias", ranges) == 1
-    stage = pipeline.stage_params(cfg, models.init(cfg, seed=0), ranges, 1)
-    assert stage["model"]["embed_tokens"]["weight"] is None and stage["model"]["layers"][0]["mlp"]["up_proj"]["weight"] is None
-    assert stage["model"]["layers"][1]["mlp"]["up_proj"]["weight"] is not None and stage["lm_head"]["weight"] is not None
+    assert stages.owner_stage(gpt2, "transformer.wpe.weight", ranges) == 0
+    assert stages.owner_stage(gpt2, "transformer.h.1.attn.c_attn.weight", ranges) == 1
+    assert stages.owner_stage(gpt2, "transformer.ln_f.bias", ranges) == 1
+    rank1 = shard.plan_stages(cfg, 2).rank_params(models.init(cfg, seed=0), 1)
+    assert rank1["model"]["embed_tokens"]["weight"] is None and rank1["model"]["layers"][0]["mlp"]["up_proj"]["weight"] is None
+    assert rank1["model"]["layers"][1]["mlp"]["up_proj"]["weight"] is not None and rank1["lm_head"]["weight"] is not None
+
+
+@pytest.mark.parametrize("preset, tied", [("qwen2-debug", "model.embed_tokens.weight"),
+                                          ("gpt2-debug", "transformer.wte.weight"), ("llama-debug", None)])
+def test_a_tied_embedding_is_held_by_the_first_and_the_last_stage(preset, tied) -> None:
+    cfg = models.preset(preset)
+    stage_plan = shard.plan_stages(cfg, 2)
+    assert stage_plan.tied == ((tied,) if tied else ())
+    params = models.init(cfg, seed=0)
+    last = stage_plan.rank_params(params, 1)
+    held = {p for p, _ in tree.leaves_with_paths(last)}
+    assert (tied in held) if tied else not any("embed" in p or ".wte." in p for p in held)
+
+
+def test_virtual_stages_alternate_over_the_ranks() -> None:
+    """Interleaved schedules: 4 stages on 2 ranks, stage s on rank s mod 2 (torch's loop placement)."""
+    cfg4 = dataclasses.replace(models.preset("llama-debug"), num_hidden_layers=4)
+    stage_plan = shard.plan_stages(cfg4, 2, stages_per_rank=2)
+    assert stage_plan.ranges == tuple(range(i, i + 1) for i in range(4))
+    assert stage_plan.stages_of(0) == [0, 2] and stage_plan.stages_of(1) == [1, 3] and stage_plan.last_rank == 1
+    assert stage_plan.holders("model.layers.2.mlp.up_proj.weight") == {0}
+    assert stage_plan.holders("lm_head.weight") == {1}
 
 
 def test_pipeline_refuses_what_it_cannot_split() -> None:
-    tied = models.preset("llama3.2-1b")
-    with pytest.raises(ConfigError, match="untied embeddings"):
-        pipeline.check_model(tied, {"pp": 2})
     with pytest.raises(ConfigError, match="causal language models"):
-        pipeline.check_model(models.preset("bert-debug"), {"pp": 2})
+        shard.plan_stages(models.preset("bert-debug"), 2)
+    with pytest.raises(ConfigError, match="only 2 layers to split into 4 stages"):
+        shard.plan_stages(models.preset("llama-debug"), 2, stages_per_rank=2)

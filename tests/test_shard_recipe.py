@@ -1,24 +1,38 @@
-"""The train recipe under torchrun: 2 processes (FSDP, gloo) on the bundled demo, its saved adapter
-loaded in one process; the same run in one process; the layout's one-process defaults and errors."""
+"""The train recipe under torchrun on the bundled demo: two "nodes" on localhost (``--nnodes 2``,
+c10d rendezvous, gloo, 1 process each, FSDP) resume a one-process run's DCP checkpoint (1 -> 2),
+and their own checkpoint resumes in one process (2 -> 1): both equal an uninterrupted one-process
+run (the two nodes save in the background, --async-save); the held-out loss the 2 ranks compute
+(each its rows) equals one process's from the saved adapter; the layout's one-process defaults
+and errors."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
+from safetensors.torch import load_file
+
 from purefine import checkpoint, data, models, shard
+from purefine.checkpoint import state as state_io
 from purefine.config import TrainConfig
 from purefine.errors import ConfigError
 from purefine.recipes import setup
 from purefine.recipes import train as recipe
-from tests.test_shard_parallel import one_thread, torchrun
+from tests.conftest import ROOT
+from tests.test_shard_parallel import one_thread
 
-FLAGS = dict(max_steps=3, eval_batches=2, max_seq_len=128, log_every=1, progress=False, plot=False)
+STEPS = 4
+FLAGS = dict(max_steps=STEPS, eval_batches=2, max_seq_len=128, log_every=1, progress=False, plot=False)
+TOLERANCE = 1e-5
 
 
 def flags(**values: object) -> list[str]:
@@ -56,37 +70,104 @@ def eval_loss(cfg: TrainConfig, model_cfg: object, params: dict) -> float:
     return total / count
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_two_nodes(args: list[str], timeout: int = 600) -> None:
+    """Two torchrun agents ("nodes", 1 process each) meeting at a c10d rendezvous on localhost, as
+    on two machines (docs/distributed.md); fail with their output."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    port = free_port()
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+                               "--node-rank", str(rank), "--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{port}",
+                               "--rdzv-id", f"purefine-test-{port}", *args],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank in range(2)]
+    outputs = [node.communicate(timeout=timeout) for node in nodes]
+    for node, (stdout, stderr) in zip(nodes, outputs):
+        assert node.returncode == 0, f"torchrun node failed ({node.returncode}):\n{stdout[-3000:]}\n{stderr[-5000:]}"
+
+
+def adapter(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "adapter" / "adapter_model.safetensors")
+
+
+def assert_same_adapter(got: Path, want: Path) -> float:
+    """The two runs' adapters agree within the tolerance; returns the largest difference."""
+    a, b = adapter(got), adapter(want)
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=TOLERANCE, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
+    return max(float((a[n] - b[n]).abs().max()) for n in a)
+
+
+def one_process_cfg(out: Path, **overrides: object) -> TrainConfig:
+    return TrainConfig(batch_size=4, output_dir=str(out), **(FLAGS | overrides))
+
+
 @pytest.fixture(scope="module")
-def two_process_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def one_process_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """4 uninterrupted steps in one process (global batch 4)."""
+    out = tmp_path_factory.mktemp("recipe-one") / "one"
+    with one_thread():
+        return out, recipe.main(one_process_cfg(out))
+
+
+@pytest.fixture(scope="module")
+def two_node_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Steps 1-2 in one process (saved at step 2), steps 3-4 on two nodes of 1 process each (FSDP,
+    2 rows per rank) resumed from it, saving a checkpoint after every step in the background."""
     out = tmp_path_factory.mktemp("recipe") / "two"
-    torchrun(["scripts/train.py", "--parallel.dp-shard", "2", "--batch-size", "2", "--output-dir", str(out),
-              *flags(**FLAGS)], out.parent)
+    with one_thread():
+        recipe.main(one_process_cfg(out, stop_after=2, save_every=2))
+    torchrun_two_nodes(["scripts/train.py", "--parallel.dp-shard", "2", "--batch-size", "2", "--output-dir", str(out),
+                        "--resume", "latest", "--save-every", "1", "--async-save", "--keep-last", "3", *flags(**FLAGS)])
     return out
 
 
-def test_torchrun_run_saves_an_adapter_that_one_process_loads_with_the_same_results(two_process_run: Path) -> None:
-    summary = json.loads((two_process_run / "summary.json").read_text())
-    assert summary["steps"] == 3 and (two_process_run / "adapter" / "adapter_model.safetensors").exists()
-    cfg = TrainConfig(batch_size=2, output_dir=str(two_process_run), **FLAGS)
+def test_two_nodes_resume_a_one_process_checkpoint_and_equal_one_process(two_node_run: Path,
+                                                                         one_process_run: tuple[Path, dict]) -> None:
+    two = json.loads((two_node_run / "summary.json").read_text())
+    one_dir, one = one_process_run
+    assert two["resumed_from"].endswith("step-00000002") and two["steps"] == STEPS
+    assert two["losses"] == pytest.approx(one["losses"][2:], abs=TOLERANCE, rel=0)
+    print(f"1 -> 2 processes: max |adapter difference| {assert_same_adapter(two_node_run, one_dir):.2e}")
+    cfg = one_process_cfg(one_dir)
     with one_thread():
         model_cfg, base = setup.load_model(cfg, torch.device("cpu"))
-        params = checkpoint.load_peft(two_process_run / "adapter", base)
+        logits_one = eval_logits(cfg, model_cfg, checkpoint.load_peft(one_dir / "adapter", base))
+        logits_two = eval_logits(cfg, model_cfg, checkpoint.load_peft(two_node_run / "adapter", base))
+    torch.testing.assert_close(logits_two, logits_one, atol=TOLERANCE, rtol=0)
+
+
+def test_a_two_process_dcp_checkpoint_resumes_in_one_process(two_node_run: Path, one_process_run: tuple[Path, dict],
+                                                             tmp_path: Path) -> None:
+    saved = two_node_run / "checkpoints" / "step-00000003"
+    assert sorted(p.suffix for p in saved.iterdir()) == [".json", ".safetensors", ".safetensors"]  # one shard per rank
+    assert state_io.read_meta(saved)["world_size"] == 2
+    with one_thread():
+        resumed = recipe.main(one_process_cfg(tmp_path / "resumed", resume=str(saved)))
+    assert resumed["resumed_from"] == str(saved) and len(resumed["losses"]) == 1
+    assert resumed["steps"] == STEPS and resumed["losses"] == pytest.approx(one_process_run[1]["losses"][3:], abs=TOLERANCE)
+    print(f"2 -> 1 process: max |adapter difference| {assert_same_adapter(tmp_path / 'resumed', one_process_run[0]):.2e}")
+
+
+def test_two_ranks_evaluate_the_held_out_set_as_one_process_does(two_node_run: Path,
+                                                                 one_process_run: tuple[Path, dict]) -> None:
+    """Under FSDP each rank takes its rows of every held-out batch and the sums are added: the
+    loss equals one process's on the saved adapter."""
+    summary = json.loads((two_node_run / "summary.json").read_text())
+    cfg = TrainConfig(batch_size=2, output_dir=str(two_node_run), **FLAGS)
+    with one_thread():
+        model_cfg, base = setup.load_model(cfg, torch.device("cpu"))
+        params = checkpoint.load_peft(two_node_run / "adapter", base)
         again = eval_loss(dataclasses.replace(cfg, batch_size=4), model_cfg, params)  # the global eval batch
-    # the held-out loss the 2 ranks computed (each its half of every eval batch) = one process from the files
     assert again == pytest.approx(summary["eval_loss_end"], abs=1e-6)
-    assert summary["eval_loss_end"] != pytest.approx(summary["eval_loss_start"], abs=1e-6)
-
-
-def test_torchrun_run_equals_a_one_process_run_of_the_same_global_batch(two_process_run: Path, tmp_path: Path) -> None:
-    two = json.loads((two_process_run / "summary.json").read_text())
-    cfg = TrainConfig(batch_size=4, output_dir=str(tmp_path / "one"), **FLAGS)
-    with one_thread():
-        one = recipe.main(cfg)
-        model_cfg, base = setup.load_model(cfg, torch.device("cpu"))
-        logits_one = eval_logits(cfg, model_cfg, checkpoint.load_peft(tmp_path / "one" / "adapter", base))
-        logits_two = eval_logits(cfg, model_cfg, checkpoint.load_peft(two_process_run / "adapter", base))
-    assert two["losses"] == pytest.approx(one["losses"], abs=1e-5, rel=0)
-    torch.testing.assert_close(logits_two, logits_one, atol=1e-5, rtol=0)
+    assert summary["eval_loss_end"] == pytest.approx(one_process_run[1]["eval_loss_end"], abs=TOLERANCE)
+    assert summary["eval_loss_end"] != pytest.approx(one_process_run[1]["eval_loss_start"], abs=1e-4)
 
 
 def test_one_process_layout_changes_nothing() -> None:

@@ -1,18 +1,32 @@
-"""Resumable training state on disk: crash-safe, safetensors + JSON, no pickle.
+"""Resumable training state on disk through ``torch.distributed.checkpoint`` (DCP): crash-safe,
+resharded on load, no pickle anywhere.
 
-A checkpoint is a directory ``<root>/step-<N>/`` holding
+A checkpoint is a directory ``<root>/step-<N>/`` holding one DCP checkpoint in DCP's safetensors
+storage (``HuggingFaceStorageWriter`` / ``Reader``: DCP's default ``FileSystemWriter`` pickles its
+``.metadata`` index, and purefine never unpickles a file):
 
-    state-<rank>-of-<world>.safetensors   trainable params (``params.<path>``), optimizer state
-                                          (``opt.<path>``) and the RNG state (``rng``), this rank's
-                                          shards only when they are DTensors
-    meta.json                             step, data position, world size, format, the paths saved
+    shard-<rank>-model-*.safetensors   the chunks rank <rank> wrote (its shards of DTensors; a
+                                       tensor every rank holds whole is written once), each with
+                                       its offsets in the global tensor in the safetensors header
+    meta.json            format, step, data position, the writer's world size and parallel sizes,
+                         the names saved
 
-It is written into ``<root>/.step-<N>.tmp`` and renamed into place only when every file is
-complete (``meta.json`` last), so a directory named ``step-<N>`` is always whole: a crash or a
+What is saved: ``params.<path>`` for each trainable leaf, ``opt.<path>`` for the optimizer state,
+``rng`` (the generator state; the same on every rank). Frozen weights are not saved: a resumed run
+rebuilds them from the same source (checkpoint or seeded init, quantized the same way).
+
+**Commit.** Every rank writes into ``<root>/.step-<N>.tmp``; rank 0 then writes ``meta.json`` and
+renames the directory into place, so a directory named ``step-<N>`` is always whole: a crash or a
 full disk mid-save leaves the previous checkpoint as it was. ``latest`` finds the newest complete
-one; ``prune`` keeps the last K. Frozen weights are not saved: a resumed run rebuilds them from
-the same source (checkpoint or seeded init, quantized the same way) and takes the trainable
-leaves, optimizer state, RNG and data position from here.
+one; ``prune`` keeps the last K. With ``async_save`` DCP stages a CPU copy of the state (so the
+next steps may change it), writes in a background thread and the commit runs when the writes are
+done; ``PendingSave.wait`` blocks until then and raises what went wrong.
+
+**Load reshards.** ``load`` fills a freshly built state of the resuming run — plain tensors on one
+process, DTensors of any mesh under torchrun — with ``dcp.load``, which reads each rank's slices
+from whatever chunks the writer left: a run saved on N processes (FSDP, data or tensor parallel,
+pipeline stages) resumes on M in any other layout. Names and global shapes are checked first.
+One process reads and writes the same format (DCP without a process group).
 """
 
 from __future__ import annotations
@@ -21,77 +35,172 @@ import json
 import os
 import re
 import shutil
+import warnings
 from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from purefine import fsutil, tree
 from purefine.checkpoint.hf import SafetensorsFile
 from purefine.errors import CheckpointError
 
-FORMAT = "purefine-train-state/1"
+FORMAT = "purefine-train-state/2"
 STEP_DIR = re.compile(r"step-(\d+)")
+# DCP warns that it runs without a process group on one process (and in its save thread): expected here
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 
 def step_dir(root: str | os.PathLike, step: int) -> Path:
+    """``<root>/step-<N>`` (N zero-padded to 8 digits, so names sort by step)."""
     return Path(root) / f"step-{step:08d}"
 
 
-def _local(x: torch.Tensor) -> torch.Tensor:
-    return x.to_local() if type(x).__name__ == "DTensor" else x
-
-
-def state_tensors(state: Any, trainable: Callable[[str, Any], bool]) -> dict[str, torch.Tensor]:
-    """{name: tensor} of what a checkpoint stores (local shards of DTensors), contiguous on CPU."""
+def state_dict(state: Any, trainable: Callable[[str, Any], bool]) -> dict[str, torch.Tensor]:
+    """{name: tensor or DTensor} of what a checkpoint stores (the state's own tensors, not copies)."""
     flat = {f"params.{p}": x for p, x in tree.filtered(state.params, trainable)}
-    flat |= {f"opt.{p}": x for p, x in tree.flatten(state.opt_state).items()}
+    flat |= {f"opt.{p}": x for p, x in tree.flatten(state.opt_state).items() if isinstance(x, torch.Tensor)}
     flat["rng"] = state.rng
-    return {k: _local(v).detach().to("cpu").contiguous() for k, v in flat.items()}
+    return flat
 
 
-def save(root: str | os.PathLike, state: Any, trainable: Callable[[str, Any], bool], *, rank: int = 0,
-         world_size: int = 1, barrier: Callable[[], None] | None = None, extra: dict | None = None) -> Path:
-    """Write ``state`` as ``<root>/step-<N>``; every rank writes its shard, rank 0 commits.
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
 
-    On failure (a full disk, a dead writer) the temporary directory is removed and the error says
-    which checkpoint is still intact.
-    """
+
+def _rank() -> int:
+    return dist.get_rank() if _distributed() else 0
+
+
+def _barrier() -> None:
+    if _distributed():
+        dist.barrier()
+
+
+def writer(path: Path) -> dcp.HuggingFaceStorageWriter:
+    """The DCP storage writer of a checkpoint directory: safetensors shards, one per rank, each
+    holding its chunks' offsets (the index DCP rebuilds on load), fsynced."""
+    return dcp.HuggingFaceStorageWriter(str(path), save_distributed=True)
+
+
+def reader(path: Path) -> dcp.HuggingFaceStorageReader:
+    """The DCP storage reader of a checkpoint directory (see ``writer``)."""
+    return dcp.HuggingFaceStorageReader(str(path))
+
+
+class PendingSave:
+    """A checkpoint being written in the background (``save(..., async_save=True)``)."""
+
+    def __init__(self, future: Future, final: Path, root: Path):
+        self.future, self.final, self.root = future, final, root
+
+    def done(self) -> bool:
+        """Whether the writes (and on rank 0 the commit) are over."""
+        return self.future.done()
+
+    def wait(self) -> Path:
+        """Block until the checkpoint is committed; its directory, or CheckpointError."""
+        try:
+            self.future.result()
+        except (OSError, CheckpointException) as e:
+            raise _save_error(e, self.root, self.final) from None
+        return self.final
+
+
+def save(root: str | os.PathLike, state: Any, trainable: Callable[[str, Any], bool], *, extra: dict | None = None,
+         async_save: bool = False, process_group: Any = None) -> Path | PendingSave:
+    """Write ``state`` as ``<root>/step-<N>`` (every rank takes part; rank 0 commits). Returns the
+    directory, or with ``async_save`` a PendingSave (``process_group``: the group DCP coordinates
+    over in its background thread, e.g. a gloo group of its own). ``extra`` goes into meta.json."""
     root = Path(root)
-    final = step_dir(root, state.step)
-    tmp = root / f".{final.name}.tmp"
-    tensors = state_tensors(state, trainable)
+    final, tmp = step_dir(root, state.step), root / f".{step_dir(root, state.step).name}.tmp"
+    meta = {"format": FORMAT, "step": state.step, "data_position": state.data_position,
+            "world_size": dist.get_world_size() if _distributed() else 1, **(extra or {})}
+    tensors = state_dict(state, trainable)
     try:
-        if rank == 0:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir(parents=True)
-        if barrier is not None:
-            barrier()
-        save_file(tensors, tmp / f"state-{rank:05d}-of-{world_size:05d}.safetensors", metadata={"format": FORMAT})
-        if barrier is not None:
-            barrier()
-        if rank == 0:
-            meta = {"format": FORMAT, "step": state.step, "data_position": state.data_position,
-                    "world_size": world_size, "tensors": sorted(tensors), **(extra or {})}
-            fsutil.atomic_write(tmp / "meta.json", json.dumps(meta, indent=2))
-            for f in tmp.iterdir():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-            if final.exists():
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-    except OSError as e:
-        if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        previous = latest(root)
-        kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
-        raise CheckpointError(f"saving checkpoint step {state.step} to {final} failed ({e.strerror or e}); {kept}") from None
-    if barrier is not None:
-        barrier()
-    return final
+        _prepare(tmp)
+        meta["tensors"] = sorted(_all_names(tensors))
+        if not async_save:
+            dcp.save(tensors, storage_writer=writer(tmp), process_group=process_group)
+            if _rank() == 0:
+                _commit(tmp, final, meta)
+            _barrier()
+            return final
+        future = dcp.async_save(tensors, storage_writer=writer(tmp), process_group=process_group)
+    except (OSError, CheckpointException) as e:
+        raise _save_error(e, root, final) from None
+    committed: Future = Future()
+    future.add_done_callback(lambda f: _finish_async(f, committed, tmp, final, meta))
+    return PendingSave(committed, final, root)
+
+
+def _prepare(tmp: Path) -> None:
+    """A fresh empty temporary directory (rank 0 makes it, the others wait)."""
+    if _rank() == 0:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    _barrier()
+
+
+def _all_names(tensors: dict[str, Any]) -> set[str]:
+    """The names every rank saves (pipeline stages each hold only theirs)."""
+    if not _distributed():
+        return set(tensors)
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, sorted(tensors))
+    return {name for names in everyone for name in names}
+
+
+def _commit(tmp: Path, final: Path, meta: dict) -> None:
+    """meta.json, then the rename that makes the checkpoint visible (rank 0)."""
+    fsutil.atomic_write(tmp / "meta.json", json.dumps(meta, indent=2))
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync_dir(final.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename in ``path`` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _finish_async(future: Future, committed: Future, tmp: Path, final: Path, meta: dict) -> None:
+    """The background writes are over: commit on rank 0, then resolve ``committed``."""
+    try:
+        future.result()
+        if _rank() == 0:
+            _commit(tmp, final, meta)
+        committed.set_result(final)
+    except BaseException as e:  # noqa: BLE001 — handed to the waiting thread
+        committed.set_exception(e)
+
+
+def _save_error(e: BaseException, root: Path, final: Path) -> CheckpointError:
+    """A CheckpointError naming what failed and which checkpoint is intact (rank 0 removes the temporary)."""
+    cause = e
+    if isinstance(e, CheckpointException) and e.failures:
+        cause = next(iter(e.failures.values()))[0]
+    if _rank() == 0:
+        shutil.rmtree(root / f".{final.name}.tmp", ignore_errors=True)
+    previous = latest(root)
+    kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+    reason = getattr(cause, "strerror", None) or cause
+    return CheckpointError(f"saving checkpoint {final.name} to {final} failed ({reason}); {kept}")
 
 
 def complete_steps(root: str | os.PathLike) -> list[Path]:
@@ -128,46 +237,58 @@ def read_meta(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"{path}: not a complete training checkpoint (no meta.json)")
     meta = fsutil.read_json_object(meta_path, CheckpointError)
     if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{meta_path}: expected format {FORMAT!r}, found {meta.get('format')!r}")
+        older = " (per-rank safetensors of an older purefine: resume with that version)" \
+            if meta.get("format") == "purefine-train-state/1" else ""
+        raise CheckpointError(f"{meta_path}: expected format {FORMAT!r}, found {meta.get('format')!r}{older}")
     if not isinstance(meta.get("step"), int) or isinstance(meta["step"], bool) or meta["step"] < 0:
         raise CheckpointError(f"{meta_path}: 'step' must be a non-negative integer, found {meta.get('step')!r}")
+    world = meta.get("world_size")
+    if not isinstance(world, int) or isinstance(world, bool) or world < 1:
+        raise CheckpointError(f"{meta_path}: 'world_size' must be a positive integer, found {world!r}")
+    if meta.get("data_position") is not None and not isinstance(meta["data_position"], dict):
+        raise CheckpointError(f"{meta_path}: 'data_position' must be an object or null, found {meta['data_position']!r}")
     return meta
 
 
-def load(path: str | os.PathLike, template: Any, trainable: Callable[[str, Any], bool], *, rank: int = 0,
-         world_size: int = 1) -> Any:
-    """``template`` (a freshly built TrainState of the same run) with the saved trainable leaves,
-    optimizer state, RNG, step and data position. Names, shapes and the world size are checked."""
+def _check_against(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Each shard a valid safetensors file, then names and global shapes of this run's state against
+    the index DCP rebuilds from the shards' headers."""
+    shards = sorted(path.glob("*.safetensors"))
+    if not shards:
+        raise CheckpointError(f"{path}: no safetensors shards; not a complete checkpoint")
+    for shard in shards:
+        SafetensorsFile(shard)  # header, offsets and size checked before torch reads it
+    try:
+        saved = reader(path).read_metadata().state_dict_metadata
+    except (OSError, EOFError, ValueError, RuntimeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: cannot read the checkpoint's index from its safetensors headers ({e})") from None
+    expected = _all_names(tensors)
+    missing, extra = sorted(expected - set(saved)), sorted(set(saved) - expected)
+    if missing or extra:
+        raise CheckpointError(f"{path}: does not match this run's trainable state (missing {missing[:3]}, "
+                              f"unexpected {extra[:3]}); was it saved with another --peft or model?")
+    for name, like in tensors.items():
+        entry = saved[name]
+        shape = tuple(entry.size) if isinstance(entry, TensorStorageMetadata) else None
+        if shape != tuple(like.shape):
+            raise CheckpointError(f"{path}: {name} has shape {list(shape)}, this run expects {list(like.shape)}")
+        if entry.properties.dtype != like.dtype:
+            raise CheckpointError(f"{path}: {name} is {entry.properties.dtype}, this run expects {like.dtype}")
+
+
+def load(path: str | os.PathLike, template: Any, trainable: Callable[[str, Any], bool]) -> Any:
+    """``template`` (a freshly built TrainState of the resuming run, in any parallel layout) with the
+    saved trainable leaves, optimizer state, RNG, step and data position. The template's tensors
+    are filled in place (it is consumed). Every rank calls it."""
     path = Path(path)
     meta = read_meta(path)
-    if meta.get("world_size", 1) != world_size:
-        raise CheckpointError(f"{path}: saved by {meta.get('world_size')} processes, resuming with {world_size}; "
-                              "resume under the same parallel layout")
-    file = SafetensorsFile(path / f"state-{rank:05d}-of-{world_size:05d}.safetensors")
-    expected = state_tensors(template, trainable)
-    missing, extra = sorted(set(expected) - set(file.keys())), sorted(set(file.keys()) - set(expected))
-    if missing or extra:
-        raise CheckpointError(f"{file.path}: does not match this run's trainable state (missing {missing[:3]}, "
-                              f"unexpected {extra[:3]}); was it saved with another --peft or model?")
-    loaded = {}
-    for name, like in expected.items():
-        if file.shape(name) != tuple(like.shape):
-            raise CheckpointError(f"{file.path}: {name} has shape {list(file.shape(name))}, this run expects {list(like.shape)}")
-        loaded[name] = file.read(name)
-    return _restore(template, trainable, loaded, meta)
-
-
-def _restore(template: Any, trainable: Callable[[str, Any], bool], loaded: dict[str, torch.Tensor], meta: dict) -> Any:
-    def fill(like: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        value = value.to(dtype=like.dtype, device=_local(like).device)
-        if type(like).__name__ == "DTensor":
-            from torch.distributed.tensor import DTensor
-
-            return DTensor.from_local(value, like.device_mesh, like.placements, shape=like.shape, stride=like.stride())
-        return value
-
-    params = tree.map_with_path(
-        lambda p, x: fill(x, loaded[f"params.{p}"]) if f"params.{p}" in loaded and trainable(p, x) else x, template.params)
-    opt_state = tree.map_with_path(lambda p, x: fill(x, loaded[f"opt.{p}"]), template.opt_state)
-    return template.replace(step=meta["step"], params=params, opt_state=opt_state, rng=loaded["rng"].to(torch.uint8),
+    tensors = state_dict(template, trainable)
+    _check_against(path, tensors)
+    tensors["rng"] = template.rng.clone()
+    try:
+        dcp.load(tensors, storage_reader=reader(path))
+    except (OSError, CheckpointException, ValueError, KeyError, RuntimeError) as e:
+        cause = next(iter(e.failures.values()))[0] if isinstance(e, CheckpointException) and e.failures else e
+        raise CheckpointError(f"{path}: reading the checkpoint failed ({cause})") from None
+    return template.replace(step=meta["step"], rng=tensors["rng"].to(torch.uint8),
                             data_position=meta.get("data_position"))

@@ -2,9 +2,11 @@
 and the NaN guard's message.
 
 Checkpoints live in ``<output-dir>/checkpoints/step-<N>/`` (see ``purefine.checkpoint.state``):
-trainable leaves, optimizer state, RNG and data position, each rank its own shards, committed
-atomically. ``--resume latest`` (or a path) rebuilds the run as configured and loads them, so 10
-steps + resume for 10 equals 20 uninterrupted steps bit for bit.
+trainable leaves, optimizer state, RNG and data position as one ``torch.distributed.checkpoint``
+checkpoint, committed atomically. ``--resume latest`` (or a path) rebuilds the run as configured
+and loads them — under any parallel layout and process count, since DCP reshards on load — so 10
+steps + resume for 10 equals 20 uninterrupted steps. ``--async-save`` writes in the background
+(the run goes on; the checkpoint appears when its writes are done).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-import torch
+import torch.distributed as dist
 
 from purefine.checkpoint import state as state_io
 from purefine.config import TrainConfig
@@ -21,12 +23,8 @@ from purefine.errors import ConfigError, PurefineError
 
 
 def checkpoints_dir(out: Path) -> Path:
+    """``<output-dir>/checkpoints``."""
     return Path(out) / "checkpoints"
-
-
-def _barrier() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
 
 
 def resume_path(cfg: TrainConfig, out: Path) -> Path | None:
@@ -46,20 +44,49 @@ def resume_path(cfg: TrainConfig, out: Path) -> Path | None:
 
 
 def maybe_resume(cfg: TrainConfig, out: Path, state: Any, trainable: Any, layout: Any) -> tuple[Any, Path | None]:
-    """(state, checkpoint path) — the state loaded from ``--resume``, or unchanged without it."""
+    """(state, checkpoint path) — the state loaded from ``--resume`` (saved under any layout), or
+    unchanged without it. Every rank calls it."""
     path = resume_path(cfg, out)
     if path is None:
         return state, None
-    return state_io.load(path, state, trainable, rank=layout.rank, world_size=layout.world_size), path
+    return state_io.load(path, state, trainable), path
 
 
-def save(out: Path, state: Any, trainable: Any, layout: Any, keep_last: int) -> Path:
-    """Save a resumable checkpoint of ``state`` (every rank) and prune to the last ``keep_last``."""
-    path = state_io.save(checkpoints_dir(out), state, trainable, rank=layout.rank, world_size=layout.world_size,
-                         barrier=_barrier if layout.world_size > 1 else None)
-    if layout.is_main:
-        state_io.prune(checkpoints_dir(out), keep_last)
-    return path
+class Checkpoints:
+    """The run's resumable checkpoints: ``save`` (every rank; in the background with
+    ``--async-save``), ``wait`` for a background save to be committed, pruning to ``--keep-last``."""
+
+    def __init__(self, cfg: TrainConfig, out: Path, trainable: Any, layout: Any):
+        self.root, self.trainable, self.layout = checkpoints_dir(out), trainable, layout
+        self.keep_last, self.async_save = cfg.keep_last, cfg.async_save
+        self.pending: state_io.PendingSave | None = None
+        # DCP coordinates a background save over a gloo group of its own (training keeps the default one)
+        self.group = dist.new_group(backend="gloo") if self.async_save and layout.distributed else None
+
+    def save(self, state: Any, *, wait: bool = False) -> Path:
+        """Save ``state`` as ``checkpoints/step-<N>`` (``wait``: in the foreground even with
+        --async-save, e.g. on Ctrl-C); the previous background save is committed first."""
+        self.wait()
+        result = state_io.save(self.root, state, self.trainable, extra={"parallel": self.layout.sizes},
+                               async_save=self.async_save and not wait, process_group=self.group)
+        if isinstance(result, state_io.PendingSave):
+            self.pending = result
+            return result.final
+        self._prune()
+        return result
+
+    def wait(self) -> Path | None:
+        """Block until a background save is committed (its directory), or None without one."""
+        if self.pending is None:
+            return None
+        pending, self.pending = self.pending, None
+        path = pending.wait()
+        self._prune()
+        return path
+
+    def _prune(self) -> None:
+        if self.layout.is_main:
+            state_io.prune(self.root, self.keep_last)
 
 
 def check_finite(metrics: dict, step: int, out: Path) -> None:

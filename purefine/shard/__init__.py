@@ -13,24 +13,27 @@ how every tensor is placed.
         state, metrics = step(state, batch)
     full = layout.full_params_for_save(state.params)         # on rank 0; every rank calls it
 
-Modules: ``plan`` (plans, placements, shard / unshard), ``gather`` (the FSDP gather hook and the
-tensor-parallel leaf kinds), ``pipeline`` (stages and the GPipe schedule), ``checkpoint_io``
-(sharded loading, gathering for saving, per-rank state), ``layout`` (torchrun, the mesh, the
-recipe's interface), ``bench`` (``bench_parallel``: tokens/s of N processes against one;
-``python -m purefine.shard.bench``).
+Modules: ``plan`` (plans, placements, shard / unshard), ``nf4_tp`` (NF4 weights split over
+tensor-parallel ranks), ``gather`` (the FSDP gather hook and the tensor-parallel leaf kinds),
+``stages`` (which layers and weights each pipeline stage holds), ``pipeline`` (stages and schedules
+of ``torch.distributed.pipelining``), ``checkpoint_io`` (sharded loading, gathering for saving),
+``layout`` (torchrun, the mesh, the recipe's interface), ``bench`` (``bench_parallel``: tokens/s of
+N processes against one; ``python -m purefine.shard.bench``). Resumable state goes through
+``torch.distributed.checkpoint`` in ``purefine.checkpoint.state`` (resharded on load).
 """
 
-from purefine.shard.checkpoint_io import from_local_flat, gather_full, local_flat, make_reader
+from purefine.shard.checkpoint_io import gather_full, make_reader
 from purefine.shard.gather import ColumnParallel, RowParallel, gather_tensor, make_gather, settle_grads
 from purefine.shard.layout import Layout, layout, resolve_sizes
-from purefine.shard.pipeline import make_pipeline_step, stage_ranges
+from purefine.shard.pipeline import eval_loss_fn, make_pipeline_step
 from purefine.shard.plan import (
     GENERIC_PLAN, leaf_placements, local_nbytes, plan_for, shard, tensor_placements, unshard,
 )
+from purefine.shard.stages import StagePlan, owner_stage, plan_stages, stage_ranges
 
 __all__ = [
-    "ColumnParallel", "GENERIC_PLAN", "Layout", "RowParallel", "from_local_flat",
-    "gather_full", "gather_tensor", "layout", "leaf_placements", "local_flat", "local_nbytes", "make_gather",
-    "make_pipeline_step", "make_reader", "plan_for", "resolve_sizes", "settle_grads", "shard", "stage_ranges",
-    "tensor_placements", "unshard",
+    "ColumnParallel", "GENERIC_PLAN", "Layout", "RowParallel", "StagePlan", "eval_loss_fn",
+    "gather_full", "gather_tensor", "layout", "leaf_placements", "local_nbytes", "make_gather",
+    "make_pipeline_step", "make_reader", "owner_stage", "plan_for", "plan_stages", "resolve_sizes", "settle_grads",
+    "shard", "stage_ranges", "tensor_placements", "unshard",
 ]

@@ -6,12 +6,15 @@
   slice as a DTensor (``DTensor.from_local``) with the placements ``plan.shard`` would give it.
   Weights to quantize become NF4: sharded ones (aligned, see ``plan``) are quantized slice by
   slice — the double-quantization mean is taken over all ranks' block scales, so the result equals
-  quantizing the whole tensor bit for bit. Under pipeline parallelism other stages' tensors are
-  not read at all (meta placeholders keep the shapes).
+  quantizing the whole tensor bit for bit. A weight split over tensor-parallel ranks is read and
+  quantized whole, then cut into ``nf4_tp``'s row-block layout. Under pipeline parallelism the
+  tensors this rank's stages do not hold are not read at all (meta placeholders keep the shapes).
 - ``gather_full(params, layout)``: the whole params tree as plain CPU tensors on rank 0 (None
-  elsewhere), tensor by tensor; pipeline stages send theirs to rank 0.
-- ``local_flat(tree)`` / ``from_local_flat(template, flat)``: a sharded tree as this rank's
-  ``{path: local tensor}`` (a safetensors dict) and back, for resuming under the same mesh.
+  elsewhere; NF4 weights in the standard layout), tensor by tensor; pipeline stages send theirs
+  to rank 0.
+
+Resumable train state is not here: ``checkpoint.state`` saves and reshards it with
+``torch.distributed.checkpoint``.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Placement, Shard
 
 from purefine import models, nf4, tree
-from purefine.shard import pipeline, plan
+from purefine.shard import plan, stages
 
 
 def local_region(shape: tuple[int, ...], mesh: Any, placements: tuple[Placement, ...]) -> list[tuple[int, int]]:
@@ -64,12 +67,12 @@ class _Reader:
         self.mesh, self.sizes = layout.mesh, plan.mesh_sizes(layout.mesh)
         self.plan = plan.plan_for(model_cfg)
         self.quantize = re.compile(quantize) if quantize else None
-        self.ranges = pipeline.check_model(model_cfg, layout.sizes) if layout.pp_size > 1 else None
+        self.stage_plan = layout.plan_stages(model_cfg) if layout.pp_size > 1 else None
 
     def __call__(self, name: str, file: Any, file_name: str) -> Any:
         shape = tuple(file.shape(file_name))
         shape = tuple(models.hf_layout(self.cfg, name, torch.empty(shape, device="meta")).shape)  # params' layout
-        if self.ranges is not None and pipeline.owner_stage(self.cfg, name, self.ranges) != self.layout.pp_rank:
+        if self.stage_plan is not None and not self.stage_plan.holds(name, self.layout.pp_rank):
             meta = torch.empty(shape, dtype=self.dtype or file.dtype(file_name), device="meta")
             return self._maybe_quantize(name, meta)
         if self.quantize is not None and self.quantize.fullmatch(name):
@@ -101,8 +104,11 @@ class _Reader:
         return t
 
     def _read_nf4(self, name: str, file: Any, file_name: str, shape: tuple[int, ...]) -> Any:
-        numel = math.prod(shape)
-        placements = plan.nf4_placements(_Shape(shape), name, plan.style_of(name, self.plan), self.sizes)
+        numel, style = math.prod(shape), plan.style_of(name, self.plan)
+        if plan.splits_over_tp(style, self.sizes):  # quantized whole, cut into the row-block layout
+            q = nf4.quantize_tensor(self._convert(self._read_region(name, file, file_name, [])), name=name)
+            return plan.shard_leaf(q, name, style, self.mesh)
+        placements = plan.nf4_placements(_Shape(shape), name, style, self.sizes)
         if not isinstance(placements["codes"][1], Shard):  # replicated NF4: read and quantize it whole
             q = nf4.quantize_tensor(self._convert(self._read_region(name, file, file_name, [])), name=name)
             return plan.shard({"w": q}, self.mesh)["w"]
@@ -165,20 +171,21 @@ def gather_full(params: Any, layout: Any) -> Any:
     """The whole tree as plain CPU tensors on the main rank (None elsewhere); every rank calls it."""
     if layout.pp_size == 1:
         full = tree.map(lambda x: _full_on_main(x, layout.is_main), params)
-        return full if layout.is_main else None
-    return _gather_stages(params, layout)
+    else:
+        full = _gather_stages(params, layout)
+    return plan.standard_nf4(full) if layout.is_main else None
 
 
 def _gather_stages(params: Any, layout: Any) -> Any:
     """Pipeline stages: each tensor gathered in its stage, then sent by the stage's first rank to rank 0."""
-    ranges = layout.stage_ranges
+    stage_plan = layout.stage_plan
     mine = dict(tree.leaves_with_paths(params))
     leaves, spec = optree.tree_flatten(layout.template, namespace=tree.NAMESPACE)
     paths = [p for p, _ in tree.leaves_with_paths(layout.template)]
     stage_leader = all(c == 0 for c in layout.world_mesh.get_coordinate()[1:])
     values = []
     for path, meta in zip(paths, leaves):
-        owner = pipeline.owner_stage(layout.model_cfg, path, ranges)
+        owner = stages.owner_stage(layout.model_cfg, path, stage_plan.ranges) % stage_plan.pp
         value = None
         if owner == layout.pp_rank:
             value = _full_on_main(mine[path], layout.is_main or stage_leader)
@@ -191,24 +198,3 @@ def _gather_stages(params: Any, layout: Any) -> Any:
             value = value.cpu()
         values.append(value)
     return optree.tree_unflatten(spec, values) if layout.is_main else None
-
-
-def local_flat(params: Any) -> dict[str, torch.Tensor]:
-    """{path: this rank's local tensor} of a (possibly sharded) tree: what resume saves per rank (a
-    weight (out, in) sharded over N ranks gives its local (out/N, in) slice)."""
-    return {p: (x.to_local() if isinstance(x, DTensor) else x).detach().cpu().contiguous()
-            for p, x in tree.leaves_with_paths(params) if isinstance(x, torch.Tensor)}
-
-
-def from_local_flat(template: Any, flat: dict[str, torch.Tensor]) -> Any:
-    """``template`` (a tree sharded the same way) with its tensors' local values from ``flat`` (each the
-    local shape, e.g. (out/N, in), that ``local_flat`` gave)."""
-
-    def restore(path: str, x: Any) -> Any:
-        local = flat[path]
-        if isinstance(x, DTensor):
-            return DTensor.from_local(local.to(x.device), x.device_mesh, x.placements, run_check=False,
-                                      shape=x.shape, stride=x.stride())
-        return local.to(x.device)
-
-    return tree.map_with_path(restore, template)

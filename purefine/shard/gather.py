@@ -19,6 +19,8 @@ backward). For every DTensor it:
 
    A tensor replicated over tp inside such a weight (LoRA's A in a colwise leaf, B in a rowwise
    one) gets a partial gradient on each tp rank: its grad placement over tp is ``Partial()``.
+   An NF4 weight split over tp (``nf4_tp``'s row-block layout) becomes the plain NF4 leaf of this
+   rank's rows or columns (``nf4_tp.local_leaf``), dequantizing exactly as the whole weight does.
 
 With no DTensor in the subtree (one process), ``gather`` returns it unchanged.
 
@@ -39,8 +41,9 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
-from purefine import ops, tree
+from purefine import nf4, ops, tree
 from purefine.errors import TreeError
+from purefine.shard import nf4_tp
 
 
 class _CopyToParallel(torch.autograd.Function):
@@ -141,6 +144,16 @@ def _tp_split(x: Any, tp: int) -> int | None:
     return placement.dim if isinstance(placement, Shard) else None
 
 
+def weight_split(leaf: Any, tp: int) -> int | None:
+    """The dim of a weight (out, in) a leaf is split on over tp (0 colwise, 1 rowwise), or None: a
+    tensor's own placement, an NF4 weight's codes (row-block layout), a LoRA leaf's base."""
+    if isinstance(leaf, nf4.NF4):
+        return _tp_split(leaf.codes, tp) if nf4_tp.is_tp_layout(leaf) else None
+    if tree.is_kind(leaf) and hasattr(leaf, "base"):
+        return weight_split(leaf.base, tp)
+    return _tp_split(leaf, tp)
+
+
 def gather_tensor(x: torch.Tensor, mesh: Any, *, partial_tp: bool = False) -> torch.Tensor:
     """A DTensor (e.g. a weight (out, in) sharded (out/N, in)) -> the plain tensor this rank computes
     with: full over the data-parallel dims,
@@ -160,7 +173,7 @@ def gather_tensor(x: torch.Tensor, mesh: Any, *, partial_tp: bool = False) -> to
 def _gather_kind(leaf: Any, mesh: Any, tp: int) -> Any:
     """A leaf kind with every child gathered; children replicated over tp inside a tp-split LoRA
     weight get partial tp gradients."""
-    base_split = _tp_split(getattr(leaf, "base", None), tp) if hasattr(leaf, "base") else None
+    base_split = weight_split(leaf.base, tp) if hasattr(leaf, "base") else None
     fields = {f.name: getattr(leaf, f.name) for f in dataclasses.fields(leaf)}
     out = {}
     for name, value in fields.items():
@@ -171,14 +184,23 @@ def _gather_kind(leaf: Any, mesh: Any, tp: int) -> Any:
             out[name] = _gather_kind(value, mesh, tp)
         else:
             out[name] = value
+    if nf4_tp.is_tp_layout(leaf):
+        return _local_nf4(type(leaf)(**out), weight_split(leaf, tp), mesh)
     return type(leaf)(**out)
+
+
+def _local_nf4(q: nf4.NF4, split: int | None, mesh: Any) -> nf4.NF4:
+    """A row-block NF4 weight with its children gathered (this rank's tp slice) -> its plain NF4 leaf."""
+    rank = mesh.get_local_rank("tp") if split is not None else 0
+    rows, width = q.codes.shape[0], q.codes.shape[1] * 2
+    return nf4_tp.local_leaf(q, rank * rows if split == 0 else 0, rank * width if split == 1 else 0)
 
 
 def gather_leaf(leaf: Any, mesh: Any, group: Any) -> Any:
     """One weight-level leaf (tensor or leaf kind) ready for compute on this rank; a 2-D weight
     split over tp comes back as ``ColumnParallel`` (dim 0) or ``RowParallel`` (dim 1)."""
     tp = _tp_index(mesh)
-    split = _tp_split(leaf.base if hasattr(leaf, "base") else leaf, tp)
+    split = weight_split(leaf, tp)
     if isinstance(leaf, torch.Tensor):
         local = gather_tensor(leaf, mesh)
     elif tree.is_kind(leaf):

@@ -7,8 +7,9 @@ and builds the mesh ``init_device_mesh(device, (dp_replicate, dp_shard, tp))`` â
 whose every method is the identity, so the recipe has one code path.
 
 ``Layout`` answers: rank, world size, data-parallel rank and size, ``is_main``; and provides
-``shard_params``, ``gather`` (the FSDP / tensor-parallel hook), ``loss_fn`` (evaluation),
-``make_step`` (the training step with its sync hooks, or the pipeline schedule),
+``shard_params``, ``gather`` (the FSDP / tensor-parallel hook, also for ``generate``),
+``loss_fn`` (evaluation), ``make_step`` (the training step with its sync hooks, or the pipeline
+schedule: ``pp_schedule`` gpipe / 1f1b / interleaved with ``pp_stages_per_rank`` virtual stages),
 ``checkpoint_reader`` (each rank reads its own slices), ``full_params_for_save`` and
 ``main_first`` (rank 0 builds caches first).
 """
@@ -27,12 +28,12 @@ import torch.distributed as dist
 
 from purefine import models, optim, train
 from purefine.errors import ConfigError
-from purefine.shard import checkpoint_io, pipeline, plan
+from purefine.shard import checkpoint_io, pipeline, plan, stages
 from purefine.shard.gather import make_gather, settle_grads
 
 DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
 # Step metrics that are already global (or per process); every other one is this rank's share of a mean.
-_RANK_METRICS = ("tokens", "grad_norm", "skipped", "nonfinite_grads")
+_RANK_METRICS = ("count", "grad_norm", "skipped", "nonfinite_grads")
 
 
 def resolve_sizes(parallel: Any, world_size: int) -> dict[str, int]:
@@ -97,9 +98,12 @@ class Layout:
     mesh: Any = None
     world_mesh: Any = None
     microbatches: int = 0
+    pp_schedule: str = "1f1b"
+    pp_stages_per_rank: int = 1
     template: Any = None  # pipeline only, set by shard_params: the full tree on the meta device
     model_cfg: Any = None  # pipeline only, set by shard_params: the model config the stages split
-    stage_ranges: Any = None  # pipeline only, set by shard_params: the layer range of each stage
+    stage_plan: Any = None  # pipeline only, set by shard_params: a stages.StagePlan
+    tie_group: Any = None  # pipeline only: the group of the first and last stage's ranks sharing a tied weight
 
     @property
     def distributed(self) -> bool:
@@ -156,22 +160,32 @@ class Layout:
         if not self.distributed:
             return params
         if self.pp_size > 1:
-            self.stage_ranges = pipeline.check_model(model_cfg, self.sizes)
-            self.template = pipeline.meta_template(params)
-            self.model_cfg = model_cfg
-            params = pipeline.stage_params(model_cfg, params, self.stage_ranges, self.pp_rank)
+            self.plan_stages(model_cfg)
+            self.template = stages.meta_template(plan.tp_layouts(params, plan.plan_for(model_cfg), self.sizes))
+            params = self.stage_plan.rank_params(params, self.pp_rank)
         _check_heads(model_cfg, self.sizes["tp"])
         return plan.shard(params, self.mesh, plan.plan_for(model_cfg))
+
+    def plan_stages(self, model_cfg: Any) -> Any:
+        """The pipeline's StagePlan for ``model_cfg`` (made once; a collective the first time: the
+        groups of the ranks that hold a tied embedding's two copies)."""
+        if self.stage_plan is None:
+            self.stage_plan = stages.plan_stages(model_cfg, self.pp_size, self.pp_stages_per_rank)
+            self.model_cfg = model_cfg
+            self.tie_group = _tie_group(self.world_mesh, self.stage_plan) if self.stage_plan.tied else None
+        return self.stage_plan
 
     def loss_fn(self, model_cfg: Any, *, chunk_size: int = 1024,
                 loss: Callable[..., Any] | None = None) -> Callable[[Any, dict], tuple]:
         """(params, batch) -> (loss sum, count[, sums]) of this rank's batch, on every rank of a
         stage group (for evaluation; training goes through ``make_step``). ``loss(gather, remat)``
         builds a task's own loss; None is the model's next-token loss."""
+        if self.pp_size > 1:
+            if loss is not None:
+                raise ConfigError("--parallel.pp: pipeline stages train the causal-LM task only")
+            return pipeline.eval_loss_fn(model_cfg, self, chunk_size=chunk_size)
         if loss is not None:
             return loss(self.gather, False)
-        if self.pp_size > 1:
-            return pipeline.eval_loss_fn(model_cfg, self, chunk_size=chunk_size)
         return models.loss_fn(model_cfg, chunk_size=chunk_size, gather=self.gather)
 
     def make_step(self, model_cfg: Any, optimizer: optim.Optimizer, *, trainable: train.Filter = train.all_floating,
@@ -188,7 +202,9 @@ class Layout:
         if self.pp_size > 1:
             if loss is not None:
                 raise ConfigError("--parallel.pp: pipeline stages train the causal-LM task only")
-            return pipeline.make_pipeline_step(model_cfg, optimizer, self, remat=remat, chunk_size=chunk_size, **options)
+            self.plan_stages(model_cfg)
+            return pipeline.make_pipeline_step(model_cfg, optimizer, self, remat=remat, chunk_size=chunk_size,
+                                               count=count, **options)
         fn = loss(self.gather, remat) if loss is not None else \
             models.loss_fn(model_cfg, chunk_size=chunk_size, remat=remat, gather=self.gather)
         if not self.distributed:
@@ -243,6 +259,20 @@ def _check_heads(model_cfg: Any, tp: int) -> None:
             raise ConfigError(f"--parallel.tp {tp}: the model's {name} ({value}) must be a multiple of tp")
 
 
+def _tie_group(world_mesh: Any, stage_plan: Any) -> Any:
+    """The process group of this rank and its counterpart holding the other copy of a tied weight
+    (the first and the last stage's ranks with the same dp / tp coordinates); None for ranks of
+    middle stages. Every rank creates every pair's group (``new_group`` is a collective)."""
+    ranks = world_mesh.mesh.reshape(world_mesh.mesh.shape[0], -1)
+    mine = None
+    for column in range(ranks.shape[1]):
+        pair = sorted({int(ranks[0, column]), int(ranks[stage_plan.last_rank, column])})
+        group = dist.new_group(pair)
+        if dist.get_rank() in pair:
+            mine = group
+    return mine
+
+
 def build_mesh(sizes: dict[str, int], device: torch.device) -> tuple[Any, Any]:
     """(stage mesh over dp_replicate x dp_shard x tp, world mesh with pp when pp > 1)."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -260,8 +290,21 @@ def layout(parallel: Any = None, device: torch.device | str = "cpu") -> Layout:
     device = torch.device(device)
     rank, world, device = init_process_group(device)
     sizes = resolve_sizes(parallel, world)
-    microbatches = int(getattr(parallel, "microbatches", 0) or 0)
+    schedule = dict(microbatches=int(getattr(parallel, "microbatches", 0) or 0),
+                    pp_schedule=str(getattr(parallel, "pp_schedule", "1f1b")),
+                    pp_stages_per_rank=pp_stages_per_rank(parallel))
     if world == 1:
-        return Layout(sizes, device=device, microbatches=microbatches)
+        return Layout(sizes, device=device, **schedule)
     mesh, world_mesh = build_mesh(sizes, device)
-    return Layout(sizes, rank, world, device, mesh, world_mesh, microbatches)
+    return Layout(sizes, rank, world, device, mesh, world_mesh, **schedule)
+
+
+def pp_stages_per_rank(parallel: Any) -> int:
+    """Stages each pipeline rank runs: ``--parallel.pp-stages-per-rank`` (default 2) under the
+    interleaved schedule, one under gpipe and 1f1b."""
+    if getattr(parallel, "pp_schedule", "1f1b") != "interleaved":
+        return 1
+    per_rank = int(getattr(parallel, "pp_stages_per_rank", 2))
+    if per_rank < 1:
+        raise ConfigError(f"--parallel.pp-stages-per-rank: must be >= 1, found {per_rank}")
+    return per_rank

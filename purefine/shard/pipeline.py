@@ -1,223 +1,227 @@
-"""Pipeline parallelism: the layer stack split into stages, run with a GPipe schedule over
-point-to-point sends (the primitives ``torch.distributed.pipelining`` builds on).
+"""Pipeline parallelism on ``torch.distributed.pipelining``: our stages, torch's schedules.
 
-- ``stage_ranges(n_layers, pp)``: contiguous, balanced layer ranges; stage 0 also holds the
-  embedding, the last stage the final norm and the output projection (and computes the loss).
-- ``stage_params(params, ...)``: the full tree with every weight other stages own set to None —
-  paths (``model.layers.7...``) keep their global layer index, so plans, filters, optimizer state
-  and saved names are unchanged.
-- ``stage_forward``: one stage as a pure function: the pieces of ``models.decoder`` (prologue,
-  blocks, final norm and loss) that a one-process run composes, so a pipelined run equals it.
-- ``make_pipeline_step``: ``step(state, batch) -> (state, metrics)``, the ``train.make_step``
-  contract. Each batch is cut into micro-batches along the batch dimension; GPipe runs every
-  forward (activations sent to the next stage), then every backward in reverse order (gradients of
-  the stage input sent back). The loss is normalized by the global token count, gradients
-  accumulate on each stage's trainable leaves, the gradient norm is summed over stages.
-- ``eval_loss_fn``: a forward-only pipeline; the last stage's loss goes to every stage.
+- ``StageModule``: one stage as the ``nn.Module`` a ``PipelineStage`` wraps. It owns no
+  parameters; the step binds the params tree (trainable leaves requiring grad) before running the
+  schedule. Stage 0 runs ``decoder.prologue`` (embedding), every stage its ``run_blocks`` range,
+  the last one the family's ``final`` norm; the loss (``decoder.lm_loss``: output projection and
+  chunked cross-entropy, divided by the global token count) is the schedule's ``loss_fn``.
+  Positions, packing segments and masks reach every stage as keyword inputs (each rank of a
+  pipeline reads the same batch); only hidden states (B, T, D) travel between stages.
+- ``Pipeline``: this rank's stages and one torch schedule per micro-batch shape (stages are
+  static: their input / output shapes are given, so no shape inference runs): ``gpipe``
+  (``ScheduleGPipe``), ``1f1b`` (``Schedule1F1B``), ``interleaved`` (``ScheduleInterleaved1F1B``
+  over ``stages_per_rank`` virtual stages per rank). Evaluation runs a forward-only GPipe (or
+  looped BFS with virtual stages) over one micro-batch.
+- ``make_pipeline_step``: ``step(state, batch_or_micro_batches) -> (state, metrics)``, the
+  ``train.make_step`` contract: each batch is cut into ``microbatches`` along dim 0, gradients
+  accumulate on the trainable leaves (``scale_grads=False``: the loss is already normalized by
+  the global token count), partial sums are settled over the stage mesh, a tied embedding's
+  gradient is summed between the first and the last stage, the gradient norm covers every stage,
+  then clipping and the optimizer update, on every rank for its own leaves.
+- ``eval_loss_fn``: (params, batch) -> (loss sum, labelled tokens) on every rank.
 
-Supports every causal family with untied embeddings (the split points are the family's ``layers``,
-``first_stage`` and ``last_stage``); data parallelism, FSDP and tensor parallelism compose inside
-each stage (a stage has its own dp_replicate x dp_shard x tp mesh).
+Dropout: the step draws one seed from the state's RNG (the same on every rank, so a checkpoint
+holds one RNG) and each pipeline rank seeds its dropout stream with seed + rank.
+Data parallelism, FSDP and tensor parallelism compose inside each stage (a stage has its own
+dp_replicate x dp_shard x tp mesh; the ``gather`` hook runs per block as in one process).
 """
 
 from __future__ import annotations
 
 import math
-import re
-from collections.abc import Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.utils.checkpoint import checkpoint
+from torch.distributed.pipelining import (
+    PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B, ScheduleLoopedBFS,
+)
+from torch.distributed.tensor import DTensor
 
 from purefine import models, optim, train, tree
 from purefine.errors import ConfigError
 from purefine.models import decoder
 from purefine.shard.gather import settle_grads
 
-
-def stage_ranges(num_layers: int, pp: int) -> list[range]:
-    """Balanced contiguous layer ranges, the earlier stages taking one more when uneven."""
-    if num_layers < pp:
-        raise ConfigError(f"--parallel.pp {pp}: the model has only {num_layers} layers to split into stages")
-    base, extra = divmod(num_layers, pp)
-    bounds = [0]
-    for s in range(pp):
-        bounds.append(bounds[-1] + base + (1 if s < extra else 0))
-    return [range(bounds[s], bounds[s + 1]) for s in range(pp)]
+SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved": ScheduleInterleaved1F1B}
+SIDE_INPUTS = ("positions", "segment_ids", "mask")  # batch keys every stage reads besides the tokens
+KEPT_SCHEDULES = 8  # schedules (static stages, receive buffers) kept per batch shape; unpacked batches vary in T
 
 
-def check_model(model_cfg: Any, sizes: dict[str, int]) -> list[range]:
-    """The stage ranges for ``model_cfg``, or a ConfigError if it cannot be pipelined."""
-    fam = models.family(model_cfg)
-    if not fam.causal:
-        raise ConfigError(f"--parallel.pp: pipeline parallelism runs causal language models, found {fam.name!r}")
-    if model_cfg.tie_word_embeddings:
-        raise ConfigError("--parallel.pp: the model ties lm_head to the embedding (first and last stage); "
-                          "pipeline parallelism needs untied embeddings")
-    return stage_ranges(model_cfg.num_hidden_layers, sizes["pp"])
+def _same(subtree: Any) -> Any:
+    return subtree
 
 
-def owner_stage(model_cfg: Any, path: str, ranges: Sequence[range]) -> int:
-    """The stage that holds the tensor at ``path``: its layer's stage; the family's ``first_stage``
-    modules on stage 0, its ``last_stage`` modules on the last."""
-    fam = models.family(model_cfg)
-    match = re.fullmatch(re.escape(fam.layers) + r"\.(\d+)\..*", path)
-    if match:
-        layer = int(match.group(1))
-        return next(s for s, r in enumerate(ranges) if layer in r)
-    if path.startswith(tuple(m + "." for m in fam.first_stage)):
-        return 0
-    if path.startswith(tuple(m + "." for m in fam.last_stage)):
-        return len(ranges) - 1
-    raise ConfigError(f"--parallel.pp: don't know which pipeline stage holds {path!r}")
+class StageModule(torch.nn.Module):
+    """One stage (its ``layers`` range) as a module: ``forward(x, tokens=..., **side)`` maps tokens
+    (B, T) (the first stage) or hidden states (B, T, D) to hidden states (B, T, D) (normed on the last)."""
 
+    def __init__(self, model_cfg: Any, layers: range, *, first: bool, last: bool, gather: Any, remat: bool,
+                 compute_dtype: torch.dtype | None):
+        super().__init__()
+        self.cfg, self.fam, self.layers = model_cfg, models.family(model_cfg), layers
+        self.first, self.last, self.gather, self.remat, self.compute_dtype = first, last, gather, remat, compute_dtype
+        self.params: Any = None  # bound by Pipeline.bind for the duration of a step
 
-def meta_template(params: Any) -> Any:
-    """The tree with every tensor replaced by an empty meta tensor of its global shape and dtype."""
-    return tree.map(lambda x: torch.empty(tuple(x.shape), dtype=x.dtype, device="meta"), params)
-
-
-def stage_params(model_cfg: Any, params: Any, ranges: Sequence[range], stage: int) -> Any:
-    """``params`` with the weights (tensors or leaf kinds) of other stages set to None."""
-    return tree.map_with_path(lambda p, x: x if owner_stage(model_cfg, p, ranges) == stage else None, params,
-                              is_leaf=tree.is_leaf)
-
-
-def stage_forward(cfg: Any, params: dict, x: torch.Tensor | None, batch: dict, layers: range, *, last: bool,
-                  gather: Any, remat: bool, chunk_size: int) -> Any:
-    """Stage 0: tokens (B, T) -> hidden (B, T, D); middle: hidden -> hidden; last: -> (loss sum, n)."""
-    fam, tokens = models.family(cfg), batch["tokens"]
-    mask = decoder.batch_mask(batch)
-    if x is None:
-        x, ctx = decoder.prologue(fam, cfg, params, tokens, positions=batch.get("positions"), mask=mask, gather=gather)
-    else:
-        ctx = decoder.context(fam, cfg, tokens, positions=batch.get("positions"), mask=mask, dtype=x.dtype,
-                              device=x.device)
-    stack = fam.layer_list(params)
-    x = decoder.run_blocks(fam, cfg, [stack[i] for i in layers], x, ctx, first=layers.start, remat=remat,
-                           gather=gather)
-    if not last:
-        return x
-    h = fam.final(cfg, params, x, gather or (lambda subtree: subtree))
-    return decoder.lm_loss(fam, cfg, params, h, batch["labels"], chunk_size=chunk_size, gather=gather)
-
-
-def split_batch(batch: dict, n: int) -> list[dict]:
-    """A batch cut into ``n`` micro-batches along dim 0 (the batch size must be a multiple of n)."""
-    rows = batch["tokens"].shape[0]
-    if rows % n:
-        raise ConfigError(f"--parallel.microbatches {n}: the batch of {rows} rows does not split into {n} "
-                          "equal pipeline micro-batches; use a --batch-size that is a multiple of it")
-    return [{k: v.chunk(n)[i] if isinstance(v, torch.Tensor) and v.dim() > 0 else v for k, v in batch.items()}
-            for i in range(n)]
-
-
-class Peers:
-    """Global ranks of the neighbouring stages (same dp/tp coordinates) and the pp group."""
-
-    def __init__(self, layout: Any):
-        mesh = layout.world_mesh
-        coord = mesh.get_coordinate()
-        ranks = mesh.mesh
-        self.stage, self.last = coord[0], layout.pp_size - 1
-        self.prev = int(ranks[(coord[0] - 1, *coord[1:])]) if coord[0] > 0 else None
-        self.next = int(ranks[(coord[0] + 1, *coord[1:])]) if coord[0] < self.last else None
-        self.group = mesh.get_group("pp")
-        self.device = layout.device
-
-
-def _activation_dtype(model_cfg: Any, params: Any, layers: range, compute_dtype: torch.dtype | None) -> torch.dtype:
-    """The dtype of the activations between stages: the compute dtype, else that of this stage's
-    first layer's floating tensors (norm weights are cast with everything else, never quantized)."""
-    if compute_dtype is not None:
-        return compute_dtype
-    layer = models.family(model_cfg).layer_list(params)[layers[0]]
-    return next(x.dtype for path, x in tree.leaves_with_paths(layer) if "norm" in path and x.is_floating_point())
-
-
-def _forward_all(cfg: Any, params: Any, chunks: list[dict], peers: Peers, layers: range, act_dtype: torch.dtype,
-                 compute_dtype: torch.dtype | None, **opts: Any) -> list[tuple[Any, Any]]:
-    """GPipe's forward phase: (stage input, stage output) per micro-batch, activations sent on."""
-    records, sends = [], []
-    for c in chunks:
-        x = None
-        if peers.prev is not None:
-            b, t = c["tokens"].shape
-            x = torch.empty(b, t, cfg.hidden_size, dtype=act_dtype, device=peers.device)
-            dist.recv(x, src=peers.prev)
-            x.requires_grad_(torch.is_grad_enabled())
-        out = stage_forward(cfg, train.cast_params(params, compute_dtype), x, c, layers, last=peers.next is None, **opts)
-        if peers.next is not None:
-            sends.append(dist.isend(out.detach().contiguous(), dst=peers.next))
-        records.append((x, out))
-    for work in sends:
-        work.wait()
-    return records
-
-
-def _backward_all(records: list[tuple[Any, Any]], leaves: dict[str, torch.Tensor], total: torch.Tensor,
-                  peers: Peers) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """GPipe's backward phase, micro-batches in reverse: (summed leaf grads, this stage's loss)."""
-    grads: dict[str, torch.Tensor] = {p: torch.zeros_like(x) for p, x in leaves.items()}
-    loss, sends = torch.zeros((), dtype=torch.float64), []
-    for x, out in reversed(records):
-        if peers.next is None:
-            target, grad_out = out[0] / total.clamp(min=1).to(out[0].device), None
-            loss = loss + target.detach().double().cpu()
+    def forward(self, x: torch.Tensor, *, tokens: torch.Tensor, **side: torch.Tensor) -> torch.Tensor:
+        params = train.cast_params(self.params, self.compute_dtype)
+        positions, mask = side.get("positions"), decoder.batch_mask(side)
+        if self.first:
+            x, ctx = decoder.prologue(self.fam, self.cfg, params, tokens, positions=positions, mask=mask,
+                                      gather=self.gather)
         else:
-            target, grad_out = out, torch.empty_like(out)
-            dist.recv(grad_out, src=peers.next)
-        inputs = list(leaves.values()) + ([x] if x is not None else [])
-        if inputs:
-            got = torch.autograd.grad(target, inputs, grad_outputs=grad_out, allow_unused=True)
-            for p, gr in zip(leaves, got):
-                if gr is not None:
-                    grads[p] = grads[p] + gr
-            if x is not None:
-                sent = got[-1] if got[-1] is not None else torch.zeros_like(x)
-                sends.append(dist.isend(sent.contiguous(), dst=peers.prev))
-    for work in sends:
-        work.wait()
-    return grads, loss
+            ctx = decoder.context(self.fam, self.cfg, tokens, positions=positions, mask=mask, dtype=x.dtype,
+                                  device=x.device)
+        stack = self.fam.layer_list(params)
+        x = decoder.run_blocks(self.fam, self.cfg, [stack[i] for i in self.layers], x, ctx, first=self.layers.start,
+                               remat=self.remat, gather=self.gather)
+        return self.fam.final(self.cfg, params, x, self.gather or _same) if self.last else x
 
 
-def _sum_over_stages(x: torch.Tensor, peers: Peers) -> torch.Tensor:
-    out = x.detach().to(peers.device).clone()
-    dist.all_reduce(out, group=peers.group)
-    return out.cpu()
+class Pipeline:
+    """This rank's stages of ``layout.stage_plan`` and their torch schedules (see the module doc)."""
+
+    def __init__(self, model_cfg: Any, layout: Any, *, remat: bool = False, chunk_size: int = 1024,
+                 compute_dtype: torch.dtype | None = None):
+        self.cfg, self.layout, self.plan = model_cfg, layout, layout.stage_plan
+        self.chunk_size, self.compute_dtype = chunk_size, compute_dtype
+        self.group = layout.world_mesh.get_group("pp")
+        last = self.plan.num_stages - 1
+        self.modules = [StageModule(model_cfg, self.plan.ranges[s], first=s == 0, last=s == last,
+                                    gather=layout.gather, remat=remat, compute_dtype=compute_dtype)
+                        for s in self.plan.stages_of(layout.pp_rank)]
+        self.indices = self.plan.stages_of(layout.pp_rank)
+        self.schedules: dict[tuple, Any] = {}
+        self.params: Any = None
+        self.total: torch.Tensor | None = None
+
+    def bind(self, params: Any, total: torch.Tensor | None) -> None:
+        """Give the stages ``params`` and the loss its normalizer (None, None: let go of them)."""
+        self.params, self.total = params, total
+        for module in self.modules:
+            module.params = params
+
+    def loss(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The schedule's loss_fn: hidden states (b, T, D), labels (b, T) -> loss sum / total ()."""
+        params = train.cast_params(self.params, self.compute_dtype)
+        fam = models.family(self.cfg)
+        loss_sum, _ = decoder.lm_loss(fam, self.cfg, params, h, labels, chunk_size=self.chunk_size,
+                                      gather=self.layout.gather)
+        return loss_sum / self.total.clamp(min=1).to(loss_sum.device)
+
+    def _stage(self, module: StageModule, index: int, rows: int, seq: int, grad: bool,
+               dtype: torch.dtype) -> PipelineStage:
+        hidden = torch.empty(rows, seq, self.cfg.hidden_size, dtype=dtype, device="meta")
+        tokens = torch.empty(rows, seq, dtype=torch.long, device="meta")
+        inputs = tokens if index == 0 else hidden.clone().requires_grad_(grad)
+        return PipelineStage(module, index, self.plan.num_stages, self.layout.device, input_args=inputs,
+                             output_args=hidden.clone().requires_grad_(grad), group=self.group)
+
+    def schedule(self, rows: int, seq: int, *, training: bool) -> Any:
+        """The schedule for batches of ``rows`` x ``seq`` (training: cut into micro-batches) whose
+        activations have the compute dtype, else that of the bound params' floating tensors."""
+        n = (self.layout.microbatches or self.plan.pp) if training else 1
+        dtype = self.compute_dtype or _floating_dtype(self.params)
+        key = (rows, seq, training, dtype)
+        if key not in self.schedules:
+            if rows % n:
+                raise ConfigError(f"--parallel.microbatches {n}: the batch of {rows} rows does not split into {n} "
+                                  "equal pipeline micro-batches; use a --batch-size that is a multiple of it")
+            if len(self.schedules) == KEPT_SCHEDULES:
+                self.schedules.pop(next(iter(self.schedules)))
+            self.schedules[key] = self._build(rows // n, seq, n, training, dtype)
+        return self.schedules[key]
+
+    def _build(self, rows: int, seq: int, n: int, training: bool, dtype: torch.dtype) -> Any:
+        """Static stages for micro-batches of ``rows`` x ``seq`` and the torch schedule over them:
+        training's ``--parallel.pp-schedule``; evaluation a forward-only GPipe (looped BFS when a
+        rank runs several stages)."""
+        stages = [self._stage(m, s, rows, seq, training, dtype) for m, s in zip(self.modules, self.indices)]
+        name = self.layout.pp_schedule
+        kind = SCHEDULES[name] if training else (ScheduleGPipe if len(stages) == 1 else ScheduleLoopedBFS)
+        try:
+            return kind(stages[0] if kind in (ScheduleGPipe, Schedule1F1B) else stages, n, loss_fn=self.loss,
+                        scale_grads=False)
+        except ValueError as e:  # torch's own rule of the schedule, e.g. 1F1B needs micro-batches >= stages
+            raise ConfigError(f"--parallel.pp-schedule {name} with --parallel.microbatches {n}: {e}") from None
+
+    def run(self, batch: dict, *, training: bool) -> torch.Tensor:
+        """One batch through the schedule; the sum of its micro-batches' loss_fn values on the rank
+        with the last stage (zero elsewhere), detached, float64 on the CPU."""
+        tokens, labels = batch["tokens"], batch["labels"]
+        side = {k: batch[k] for k in SIDE_INPUTS if isinstance(batch.get(k), torch.Tensor)}
+        schedule, losses = self.schedule(*tokens.shape, training=training), []
+        run = schedule.step if training else schedule.eval
+        run(tokens, target=labels, losses=losses, return_outputs=False, tokens=tokens, **side)
+        return sum((x.detach().double().cpu() for x in losses), torch.zeros((), dtype=torch.float64))
+
+    def sum_over_stages(self, x: torch.Tensor) -> torch.Tensor:
+        """x (any shape) summed over the pipeline ranks (a new CPU tensor)."""
+        out = x.detach().to(self.layout.device).clone()
+        dist.all_reduce(out, group=self.group)
+        return out.cpu()
+
+    def sum_tied(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The tied embedding's gradient summed between the first and the last stage's copies."""
+        group = self.layout.tie_group
+        for path in self.plan.tied:
+            if path in grads and group is not None:
+                g = grads[path]
+                dist.all_reduce(g.to_local() if isinstance(g, DTensor) else g, group=group)
+        return grads
+
+    def global_norm(self, grads: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The L2 norm of every stage's gradients, a tied one counted once (a float64 () tensor)."""
+        counted = grads if self.layout.pp_rank != self.plan.last_rank else \
+            {p: g for p, g in grads.items() if p not in self.plan.tied}
+        return self.sum_over_stages(optim.global_norm(counted).double().cpu() ** 2).sqrt()
+
+
+def _floating_dtype(params: Any) -> torch.dtype:
+    """The dtype of the first floating-point tensor of a rank's params (norms are never quantized):
+    the activation dtype when no compute dtype casts everything."""
+    tensors = (x for _, x in tree.leaves_with_paths(params) if isinstance(x, torch.Tensor))
+    return next(x.dtype for x in tensors if x.is_floating_point())
+
+
+def _seed_stage_rng(rng: torch.Tensor, rank: int) -> torch.Tensor:
+    """Seed this rank's dropout stream for one step from ``rng`` (the same on every rank); returns
+    the RNG state the next step starts from."""
+    torch.set_rng_state(rng)
+    seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+    after = torch.get_rng_state()
+    torch.random.default_generator.manual_seed(seed + rank)
+    return after
 
 
 def make_pipeline_step(model_cfg: Any, optimizer: optim.Optimizer, layout: Any, *, trainable: train.Filter,
                        remat: bool = False, chunk_size: int = 1024, clip_norm: float | None = None,
-                       compute_dtype: torch.dtype | None = None, skip_nonfinite: bool = False) -> Any:
-    """The pipelined ``step(state, batch_or_micro_batches) -> (state, metrics)`` on this rank's stage
-    (metrics as ``train.make_step``'s: loss, tokens, grad_norm, skipped — global on every rank)."""
-    ranges = check_model(model_cfg, layout.sizes)
-    peers, layers = Peers(layout), ranges[layout.pp_rank]
-    n_micro = layout.microbatches or layout.pp_size
-    opts = dict(gather=layout.gather, remat=remat, chunk_size=chunk_size)
+                       compute_dtype: torch.dtype | None = None, skip_nonfinite: bool = False,
+                       count: Callable[[Any], torch.Tensor] = train.labelled_tokens) -> Any:
+    """The pipelined ``step(state, batch_or_micro_batches) -> (state, metrics)`` on this rank's
+    stages (metrics as ``train.make_step``'s: loss, count, grad_norm, skipped — global on every rank)."""
+    pipe = Pipeline(model_cfg, layout, remat=remat, chunk_size=chunk_size, compute_dtype=compute_dtype)
 
     def step(state: train.TrainState, batch: Any) -> tuple[train.TrainState, dict[str, float]]:
         micro = [batch] if isinstance(batch, dict) else list(batch)
-        chunks = [c for b in micro for c in split_batch(b, n_micro)]
-        total = layout.sum_over_dp(sum((c["labels"] != -100).sum() for c in chunks))
+        total = layout.sum_over_dp(sum((count(b) for b in micro), torch.zeros((), dtype=torch.long)))
         leaves = {p: x.detach().requires_grad_() for p, x in train.trainable_leaves(state.params, trainable).items()}
-        params = train.with_leaves(state.params, leaves)
-        act_dtype = _activation_dtype(model_cfg, state.params, layers, compute_dtype)
+        pipe.bind(train.with_leaves(state.params, leaves), total)
         with torch.random.fork_rng(devices=[]):
-            torch.set_rng_state(state.rng)
-            records = _forward_all(model_cfg, params, chunks, peers, layers, act_dtype, compute_dtype, **opts)
-            grads, loss = _backward_all(records, leaves, total, peers)
-            rng = torch.get_rng_state()
-        del records
-        grads = settle_grads(grads)
-        norm = _sum_over_stages(optim.global_norm(grads).double().cpu() ** 2, peers).sqrt()
-        loss = _sum_over_stages(layout.sum_over_dp(loss), peers)
-        metrics = {"loss": float(loss), "tokens": int(total), "grad_norm": float(norm), "skipped": 0}
-        if skip_nonfinite and not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
-            return state.replace(step=state.step + 1, rng=rng), metrics | {"skipped": 1}
+            rng = _seed_stage_rng(state.rng, layout.pp_rank)
+            loss = sum(pipe.run(b, training=True) for b in micro)
+        pipe.bind(None, None)
+        grads = {p: x.grad if x.grad is not None else torch.zeros_like(x) for p, x in leaves.items()}
+        del leaves
+        grads = pipe.sum_tied(settle_grads(grads))
+        norm = pipe.global_norm(grads)
+        loss = pipe.sum_over_stages(layout.sum_over_dp(loss))
+        metrics = {"loss": float(loss), "count": int(total), "grad_norm": float(norm), "skipped": 0}
+        if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
+            metrics["nonfinite_grads"] = train.nonfinite_paths(grads)
+            if skip_nonfinite:
+                return state.replace(step=state.step + 1, rng=rng), metrics | {"skipped": 1}
         if clip_norm is not None:
             factor = (clip_norm / (norm.float() + 1e-6)).clamp(max=1.0)
             grads = {p: g * factor.to(g.dtype) for p, g in grads.items()}
@@ -229,17 +233,15 @@ def make_pipeline_step(model_cfg: Any, optimizer: optim.Optimizer, layout: Any, 
 
 
 def eval_loss_fn(model_cfg: Any, layout: Any, *, chunk_size: int = 1024) -> Any:
-    """(params, batch) -> (loss sum, labelled tokens) through the pipeline, on every rank."""
-    ranges = check_model(model_cfg, layout.sizes)
-    peers, layers = Peers(layout), ranges[layout.pp_rank]
+    """(params, batch) -> (loss sum () float32, labelled tokens () int64) through the pipeline, on every rank."""
+    pipe = Pipeline(model_cfg, layout, chunk_size=chunk_size)
 
     def loss(params: Any, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        act_dtype = _activation_dtype(model_cfg, params, layers, None)
-        (_, out), = _forward_all(model_cfg, params, [batch], peers, layers, act_dtype, None,
-                                 gather=layout.gather, remat=False, chunk_size=chunk_size)
-        pair = torch.stack([out[0].detach().double().cpu(), out[1].double().cpu()]) if peers.next is None \
-            else torch.zeros(2, dtype=torch.float64)
-        pair = _sum_over_stages(pair, peers)
-        return pair[0].float(), pair[1].long()
+        pipe.bind(params, torch.ones((), dtype=torch.long))
+        try:
+            loss_sum = pipe.sum_over_stages(pipe.run(batch, training=False))
+        finally:
+            pipe.bind(None, None)
+        return loss_sum.float(), train.labelled_tokens(batch)
 
     return loss

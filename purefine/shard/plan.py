@@ -18,8 +18,10 @@ each tensor gets one placement per dimension. Leaf kinds are sharded child by ch
 - ``NF4``: its flat children (codes, scale codes, scale factors) are ``Shard(0)`` over
   ``dp_shard`` when the weight's element count is a multiple of 64·256·``dp_shard`` — then every
   rank holds whole double-quantization groups, the same blocks in its codes and its scales; any
-  other NF4 weight stays replicated (correct, it just saves no memory). NF4 weights cannot be
-  split over ``tp`` (QLoRA: use ``dp_shard``).
+  other NF4 weight stays replicated (correct, it just saves no memory). A weight the plan splits
+  over ``tp`` (QLoRA with tensor parallelism) is stored in ``nf4_tp``'s row-block layout: codes
+  (out, in/2) and scale codes (out, in/64) placed like a plain weight of that style, the group
+  factors and the mean replicated.
 
 ``shard(params, mesh, plan)`` turns a full tree (identical on every rank) into DTensors without
 communication; ``unshard(params)`` gathers full plain tensors on every rank.
@@ -37,6 +39,7 @@ from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distr
 from purefine import models, nf4, tree
 from purefine.errors import ConfigError, TreeError
 from purefine.lora import LoRA
+from purefine.shard import nf4_tp
 
 MESH_DIMS = ("dp_replicate", "dp_shard", "tp")
 COLWISE, ROWWISE = "colwise", "rowwise"
@@ -52,8 +55,6 @@ LORA_STYLES: dict[str, dict[str, str | None]] = {
 }
 NF4_ALIGN = nf4.BLOCK_SIZE * nf4.GROUP_SIZE  # elements per double-quantization group
 
-ERR_NF4_TP = ("{}: an NF4 weight cannot be split over tensor parallel ranks; for QLoRA use "
-              "--parallel.dp-shard (FSDP) instead of --parallel.tp")
 ERR_DORA_ROW = ("{}: DoRA on a row-parallel weight is not supported under tensor parallelism "
                 "(its row norms span tp ranks); use --parallel.dp-shard or leave o_proj/down_proj untargeted")
 ERR_KIND = "{}: don't know how to shard a {} leaf (known: tensors, LoRA, NF4)"
@@ -95,15 +96,24 @@ def tensor_placements(shape: tuple[int, ...], style: str | None, sizes: Mapping[
     return Replicate(), fsdp, tp
 
 
+def splits_over_tp(style: str | None, sizes: Mapping[str, int]) -> bool:
+    """Whether a weight of tp ``style`` is split over more than one tp rank."""
+    return style is not None and sizes.get("tp", 1) > 1
+
+
 def nf4_placements(q: nf4.NF4, path: str, style: str | None, sizes: Mapping[str, int]) -> dict[str, tuple[Placement, ...]]:
     """Placements of an NF4 leaf's children: flat ``Shard(0)`` over dp_shard when aligned (see the
-    module doc), else replicated; the scalar mean is always replicated."""
-    if style is not None and sizes.get("tp", 1) > 1:
-        raise ConfigError(ERR_NF4_TP.format(path))
+    module doc), else replicated; the scalar mean is always replicated. Split over tp: the
+    row-block layout's codes and scale codes placed like a plain weight of ``style``."""
+    rep = (Replicate(),) * 3
+    if splits_over_tp(style, sizes):
+        nf4_tp.check(tuple(q.shape), path, style, sizes["tp"])
+        out, inn = q.shape
+        return {"codes": tensor_placements((out, inn // 2), style, sizes), "scale_factors": rep, "scale_mean": rep,
+                "scale_codes": tensor_placements((out, inn // nf4.BLOCK_SIZE), style, sizes)}
     n = sizes.get("dp_shard", 1)
     split = n > 1 and q.numel % (NF4_ALIGN * n) == 0
     flat = (Replicate(), Shard(0) if split else Replicate(), Replicate())
-    rep = (Replicate(),) * 3
     return {"codes": flat, "scale_codes": flat, "scale_factors": flat, "scale_mean": rep}
 
 
@@ -134,26 +144,48 @@ def _place(x: torch.Tensor, mesh: Any, placements: tuple[Placement, ...]) -> DTe
     return distribute_tensor(x.detach(), mesh, placements, src_data_rank=None)
 
 
+def tp_layout(leaf: Any, style: str | None, sizes: Mapping[str, int]) -> Any:
+    """``leaf`` with its NF4 weights in the row-block layout when ``style`` splits it over tp."""
+    if not splits_over_tp(style, sizes):
+        return leaf
+    return tree.map(lambda x: nf4_tp.to_tp_layout(x) if isinstance(x, nf4.NF4) else x, leaf,
+                    is_leaf=lambda x: isinstance(x, (torch.Tensor, nf4.NF4)))
+
+
+def shard_leaf(leaf: Any, path: str, style: str | None, mesh: Any) -> Any:
+    """One weight-level leaf (tensor or leaf kind, the same on every rank) as DTensors on ``mesh``."""
+    sizes = mesh_sizes(mesh)
+    leaf = tp_layout(leaf, style, sizes)
+    placements = leaf_placements(leaf, path, style, sizes)
+    return tree.map(lambda x, pl: _place(x, mesh, pl), leaf, placements, is_leaf=lambda x: isinstance(x, torch.Tensor))
+
+
 def shard(params: tree.Tree, mesh: Any, plan: Plan = GENERIC_PLAN) -> tree.Tree:
     """A new tree whose tensors are DTensors on ``mesh`` placed as ``plan`` and the mesh say.
 
     ``params`` must hold the same values on every rank (a seeded init, or a checkpoint); tensors
     that are already DTensors (a sharded load) keep or change their placements.
     """
-    sizes = mesh_sizes(mesh)
+    return tree.map_with_path(lambda path, leaf: shard_leaf(leaf, path, style_of(path, plan), mesh), params,
+                              is_leaf=tree.is_leaf)
 
-    def one(path: str, leaf: Any) -> Any:
-        placements = leaf_placements(leaf, path, style_of(path, plan), sizes)
-        return tree.map(lambda x, pl: _place(x, mesh, pl), leaf, placements,
-                        is_leaf=lambda x: isinstance(x, torch.Tensor))
 
-    return tree.map_with_path(one, params, is_leaf=tree.is_leaf)
+def tp_layouts(params: tree.Tree, plan: Plan, sizes: Mapping[str, int]) -> tree.Tree:
+    """``params`` with every NF4 weight that ``plan`` splits over tp in the row-block layout (the
+    global shapes a sharded tree has)."""
+    return tree.map_with_path(lambda path, leaf: tp_layout(leaf, style_of(path, plan), sizes), params,
+                              is_leaf=tree.is_leaf)
+
+
+def standard_nf4(params: tree.Tree) -> tree.Tree:
+    """``params`` (whole tensors) with NF4 weights in the row-block layout back in the standard one."""
+    return tree.map(nf4_tp.from_tp_layout, params, is_leaf=lambda x: isinstance(x, (torch.Tensor, nf4.NF4)))
 
 
 def unshard(params: tree.Tree) -> tree.Tree:
-    """A new tree with every DTensor gathered into a full plain tensor (a collective: every rank
-    of the mesh must call it)."""
-    return tree.map(lambda x: x.full_tensor() if isinstance(x, DTensor) else x, params)
+    """A new tree with every DTensor gathered into a full plain tensor (NF4 weights in their standard
+    layout). A collective: every rank of the mesh must call it."""
+    return standard_nf4(tree.map(lambda x: x.full_tensor() if isinstance(x, DTensor) else x, params))
 
 
 def local_nbytes(params: tree.Tree) -> int:
