@@ -1,6 +1,6 @@
 """The train CLI's config: frozen dataclasses whose field docstrings are the ``--help`` text.
 
-A YAML preset under ``configs/`` (``--config NAME`` or a path) supplies the defaults and every
+A YAML preset shipped in ``purefine/configs/`` (``--config NAME`` or a path) supplies the defaults and every
 flag overrides it; ``python scripts/configs.py ls | cp | validate`` lists, copies and checks
 presets (what ``tune ls``, ``tune cp`` and ``tune validate`` do).
 
@@ -10,19 +10,18 @@ presets (what ``tune ls``, ``tune cp`` and ``tune validate`` do).
 from __future__ import annotations
 
 import dataclasses
-import math
-import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from purefine import configio, models
+from purefine import configio
 from purefine.data import DataConfig
 from purefine.errors import ConfigError
+from purefine.rules import problems, validate  # noqa: F401  (the rules of a TrainConfig, re-exported)
 
-CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS_DIR = Path(__file__).resolve().parent / "configs"  # package data: installed with purefine
 
 
 @dataclass(frozen=True)
@@ -79,6 +78,38 @@ class ParallelConfig:
     """Pipeline-parallel stages."""
     microbatches: int = 0
     """Pipeline micro-batches per step (0: the number of stages)."""
+    pp_schedule: Literal["gpipe", "1f1b", "interleaved"] = "1f1b"
+    """Pipeline schedule (torch.distributed.pipelining): gpipe (all forwards, then all backwards), 1f1b (one forward, one backward: less activation memory), interleaved (1F1B over several stages per rank: smaller bubble)."""
+    pp_stages_per_rank: int = 2
+    """Pipeline stages each rank runs under --parallel.pp-schedule interleaved (gpipe and 1f1b run one)."""
+
+
+@dataclass(frozen=True)
+class DpoConfig:
+    """Preference tuning for --task dpo (formulas as TRL's DPOTrainer / CPOTrainer / ORPOTrainer)."""
+
+    loss: Literal["sigmoid", "ipo", "hinge", "simpo", "orpo"] = "sigmoid"
+    """sigmoid (DPO), ipo, hinge (SLiC), simpo (reference-free, length-normalized), orpo (odds ratio + NLL, reference-free)."""
+    beta: float = 0.1
+    """beta: the deviation from the reference (sigmoid, hinge), IPO's tau, SimPO's and ORPO's reward scale."""
+    label_smoothing: float = 0.0
+    """Probability that a preference is flipped, in [0, 0.5): conservative DPO (sigmoid and simpo only)."""
+    gamma: float = 0.5
+    """SimPO's target reward margin (TRL's simpo_gamma; the margin in mean log-prob is gamma / beta)."""
+    precompute_ref: bool | None = None
+    """Reference log-probs computed in one pass before training and kept with the data (default: on for full fine-tuning, where it is the only way; off for LoRA / QLoRA / DoRA, whose reference is the model with adapters off)."""
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Knowledge distillation for --task distill: loss = alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE."""
+
+    alpha: float = 0.5
+    """Weight of the KL to the teacher's token distributions (1 = pure distillation, 0 = plain cross-entropy)."""
+    temperature: float = 1.0
+    """Softmax temperature T of both models' logits in the KL term (the KL is scaled by T^2)."""
+    quantize_teacher: bool = False
+    """Keep the teacher's projections in NF4 (it always runs without gradients in the compute dtype)."""
 
 
 @dataclass(frozen=True)
@@ -86,29 +117,33 @@ class TrainConfig:
     """Fine-tune a model with LoRA, QLoRA, DoRA or fully. With no flags: the bundled demo."""
 
     config: str | None = None
-    """A YAML preset (a name under configs/ or a path) whose values become the defaults."""
+    """A YAML preset (a name from `purefine ls`, or a path) whose values become the defaults."""
     model: str = "llama-tiny"
     """Model preset (see `python scripts/info.py --list`); ignored with --checkpoint-dir."""
     checkpoint_dir: str | None = None
     """An HF model directory (config.json + safetensors) to start from."""
     init: Literal["auto", "random", "checkpoint"] = "auto"
-    """Where weights come from: auto = the checkpoint if given, else random init of the preset."""
+    """Where weights come from: auto = --checkpoint-dir, else the preset's bundled weights (an error if it ships none); random = a seeded random init of --model."""
     tokenizer: str | None = None
-    """Tokenizer file or directory (default: the checkpoint's, else the bundled demo tokenizer)."""
+    """Tokenizer file or directory (default: the checkpoint's; the bundled demo tokenizer for a random or bundled tiny model)."""
     peft: Literal["none", "lora", "qlora", "dora"] = "lora"
     """Fine-tuning method: none = full fine-tuning."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    task: Literal["causal_lm", "classify", "mlm"] = "causal_lm"
-    """Training objective: causal_lm, classify (sequence classification of a BERT, labels from --data.label-column), mlm (BERT masked-LM)."""
+    task: Literal["causal_lm", "classify", "mlm", "dpo", "distill"] = "causal_lm"
+    """Training objective: causal_lm, classify (sequence classification of a BERT, labels from --data.label-column), mlm (BERT masked-LM), dpo (preference pairs, see --dpo.*), distill (match --teacher, see --distill.*)."""
+    dpo: DpoConfig = field(default_factory=DpoConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    teacher: str | None = None
+    """--task distill: the teacher, an HF model directory or a training output directory (its vocabulary must be the student's)."""
     num_labels: int | None = None
     """Classes for --task classify (None: as many as the training data's label column holds)."""
-    max_steps: int | None = 120
-    """Optimizer steps (None: run --epochs over the data)."""
-    epochs: int = 1
-    """Passes over the data when --max-steps is None."""
+    max_steps: int | None = None
+    """Optimizer steps; give this or --epochs (neither: one epoch)."""
+    epochs: int | None = None
+    """Passes over the training data; give this or --max-steps (neither: one epoch)."""
     batch_size: int = 8
     """Sequences per micro-batch (per data-parallel rank)."""
     grad_accum: int = 1
@@ -119,12 +154,14 @@ class TrainConfig:
     """Seed for init, adapters, data order and dropout."""
     dtype: Literal["auto", "fp32", "bf16"] = "auto"
     """Compute dtype: bf16 keeps frozen weights in bf16 and fp32 master copies of trained ones; auto = bf16 for QLoRA, else fp32."""
-    remat: bool | None = None
-    """Activation checkpointing per block: less memory, ~1/3 more compute (default: on for QLoRA, off otherwise)."""
+    remat: bool = False
+    """Activation checkpointing per block: less memory, ~1/3 more compute (the QLoRA presets turn it on)."""
     device: str = "auto"
     """cpu, cuda, cuda:N or auto."""
-    output_dir: str = "outputs/demo"
-    """Where the adapter, merged model, resolved config, metrics and loss curve go."""
+    output_dir: str | None = None
+    """Where the adapter, merged model, resolved config, metrics and loss curve go (default: a new outputs/<model>-<task>-<peft>-<time>)."""
+    overwrite: bool = False
+    """Replace the outputs of an earlier run in --output-dir (to continue a run, use --resume instead)."""
     save_merged: bool = False
     """Also write the merged model (LoRA folded in, NF4 dequantized) as an HF checkpoint."""
     log_every: int = 10
@@ -135,6 +172,8 @@ class TrainConfig:
     """Batches of the held-out split per evaluation."""
     save_every: int = 0
     """Save a resumable checkpoint every N steps (0: only at the end)."""
+    async_save: bool = False
+    """Write resumable checkpoints in the background (a CPU copy is staged first): training goes on while they are written; each appears once complete."""
     keep_last: int = 2
     """Resumable checkpoints to keep."""
     resume: str | None = None
@@ -176,7 +215,7 @@ def resolve_preset(name_or_path: str) -> Path:
 
 
 def list_presets() -> list[str]:
-    """Names of the YAML presets under configs/."""
+    """Names of the YAML presets shipped in purefine/configs/."""
     return sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml")) if CONFIGS_DIR.is_dir() else []
 
 
@@ -195,101 +234,23 @@ def _config_flag(args: Sequence[str]) -> str | None:
     return None
 
 
-def parse_train_args(args: Sequence[str] | None = None) -> TrainConfig:
+def parse_train_args(args: Sequence[str] | None = None, *, prog: str | None = None) -> TrainConfig:
     """The TrainConfig of a command line: the --config preset's values, then the flags."""
     from purefine.recipes.cli import parse
 
     args = list(sys.argv[1:] if args is None else args)
     name = _config_flag(args)
     default = load_preset(name) if name else TrainConfig()
-    return validate(parse(TrainConfig, args, default=default))
-
-
-def _positive(value: float | None, flag: str, *, allow_zero: bool = False) -> None:
-    if value is None:
-        return
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ConfigError(f"{flag}: must be {'>= 0' if allow_zero else '> 0'}, found {value}")
-
-
-INT64_MAX = 2**63 - 1
-
-
-def _check_numbers(obj: object, prefix: str = "--") -> None:
-    """Every float field finite and every int field within int64 (NaN, inf or 10**100 break a run late)."""
-    for f in dataclasses.fields(obj):
-        value, flag = getattr(obj, f.name), prefix + f.name.replace("_", "-")
-        if dataclasses.is_dataclass(value):
-            _check_numbers(value, flag + ".")
-        elif isinstance(value, float) and not math.isfinite(value):
-            raise ConfigError(f"{flag}: must be a finite number, found {value}")
-        elif isinstance(value, int) and not isinstance(value, bool) and not -INT64_MAX <= value <= INT64_MAX:
-            raise ConfigError(f"{flag}: must fit in a signed 64-bit integer, found {value}")
-
-
-def _check_more_ranges(cfg: TrainConfig) -> None:
-    """Ranges torch.optim and datasets would refuse late (betas, eps, micro-batches, sample and process counts)."""
-    for flag, value in (("--optim.b1", cfg.optim.b1), ("--optim.b2", cfg.optim.b2)):
-        if not 0.0 <= value < 1.0:
-            raise ConfigError(f"{flag}: must be in [0, 1), found {value}")
-    _positive(cfg.optim.eps, "--optim.eps", allow_zero=True)
-    _positive(cfg.parallel.microbatches, "--parallel.microbatches", allow_zero=True)
-    _positive(cfg.data.max_samples, "--data.max-samples")
-    _positive(cfg.data.num_proc, "--data.num-proc")
-
-
-def validate(cfg: TrainConfig) -> TrainConfig:
-    """Check ranges and cross-field rules; a ConfigError names the flag."""
-    _check_numbers(cfg)
-    if cfg.seed < 0:
-        raise ConfigError(f"--seed: must be >= 0, found {cfg.seed}")
-    for flag, value in (("--batch-size", cfg.batch_size), ("--grad-accum", cfg.grad_accum),
-                        ("--max-seq-len", cfg.max_seq_len), ("--epochs", cfg.epochs), ("--max-steps", cfg.max_steps),
-                        ("--lora.rank", cfg.lora.rank), ("--optim.lr", cfg.optim.lr), ("--log-every", cfg.log_every),
-                        ("--keep-last", cfg.keep_last), ("--stop-after", cfg.stop_after)):
-        _positive(value, flag)
-    for flag, value in (("--lora.alpha", cfg.lora.alpha), ("--optim.warmup-steps", cfg.optim.warmup_steps),
-                        ("--optim.weight-decay", cfg.optim.weight_decay), ("--eval-every", cfg.eval_every),
-                        ("--save-every", cfg.save_every), ("--eval-batches", cfg.eval_batches),
-                        ("--optim.clip-norm", cfg.optim.clip_norm)):
-        _positive(value, flag, allow_zero=True)
-    defaults = DataConfig()
-    for name, flag in (("max_seq_len", "--max-seq-len"), ("seed", "--seed")):
-        inner, outer = getattr(cfg.data, name), getattr(cfg, name)
-        if inner != getattr(defaults, name) and inner != outer:
-            raise ConfigError(f"--data.{name.replace('_', '-')} ({inner}) disagrees with {flag} ({outer}); "
-                              f"set {flag} only: the trainer passes it to the data pipeline")
-    if cfg.task in ("classify", "mlm") and cfg.peft == "qlora":
-        raise ConfigError("--peft qlora: not supported with --task classify / mlm; use lora, dora or none")
-    if cfg.num_labels is not None and cfg.num_labels < 2:
-        raise ConfigError(f"--num-labels: a classifier needs at least 2 classes, found {cfg.num_labels}")
-    if not 0.0 <= cfg.lora.dropout < 1.0:
-        raise ConfigError(f"--lora.dropout: must be in [0, 1), found {cfg.lora.dropout}")
-    if cfg.checkpoint_dir is None:
-        if cfg.init == "checkpoint":
-            raise ConfigError("--init checkpoint: needs --checkpoint-dir")
-        models.preset(cfg.model)
-    if not cfg.lora.targets:
-        raise ConfigError("--lora.targets: give at least one projection name or regex")
-    for t in cfg.lora.targets:
-        try:
-            re.compile(t)
-        except re.error as e:
-            raise ConfigError(f"--lora.targets: {t!r} is not a valid regex ({e})") from None
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", cfg.device):
-        raise ConfigError(f"--device: expected auto, cpu, cuda, cuda:N or mps, found {cfg.device!r}")
-    for flag, value in (("--parallel.dp-replicate", cfg.parallel.dp_replicate), ("--parallel.tp", cfg.parallel.tp),
-                        ("--parallel.pp", cfg.parallel.pp)):
-        _positive(value, flag)
-    if cfg.parallel.dp_shard == 0 or cfg.parallel.dp_shard < -1:
-        raise ConfigError(f"--parallel.dp-shard: must be -1 (auto) or >= 1, found {cfg.parallel.dp_shard}")
-    _check_more_ranges(cfg)
-    return cfg
+    given = {a.split("=")[0] for a in args}
+    for flag, other in (("--max-steps", "epochs"), ("--epochs", "max_steps")):  # the flag decides over the preset
+        if flag in given and "--" + other.replace("_", "-") not in given:
+            default = dataclasses.replace(default, **{other: None})
+    return validate(parse(TrainConfig, args, default=default, prog=prog))
 
 
 def uses_remat(cfg: TrainConfig) -> bool:
-    """Whether blocks are checkpointed: --remat, or by default for QLoRA (memory is its point)."""
-    return cfg.remat if cfg.remat is not None else cfg.peft == "qlora"
+    """Whether blocks are checkpointed (``--remat``)."""
+    return cfg.remat
 
 
 def to_yaml(cfg: TrainConfig) -> str:

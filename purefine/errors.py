@@ -28,5 +28,9 @@ class TokenizerError(PurefineError, ValueError):
     """A tokenizer file is missing or malformed, or disagrees with the model."""
 
 
+class WriteError(PurefineError, OSError):
+    """A file or directory could not be written (disk full, no permission); what it replaces is untouched."""
+
+
 class TreeError(PurefineError, ValueError):
     """A parameter tree does not have the paths or leaves an operation needs."""

@@ -6,6 +6,10 @@
 - ``atomic_dir(path)``: a context manager yielding a fresh temporary directory; on success it
   replaces ``path`` (the old directory is moved aside first and removed after); on error the
   temporary directory is removed and ``path`` is untouched.
+
+A write that fails for lack of space or permission (``OSError``, or safetensors' ``SafetensorError``
+from its own writer) is raised as ``WriteError`` naming the path and the reason, so a full disk
+ends in one error line, never a traceback, with the previous file or directory intact.
 """
 
 from __future__ import annotations
@@ -18,6 +22,18 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from safetensors import SafetensorError
+
+from purefine.errors import WriteError
+
+WRITE_FAILURES = (OSError, SafetensorError)
+
+
+def write_error(path: Path, e: BaseException) -> WriteError:
+    """The WriteError for a failed write of ``path`` (the reason: strerror, or the writer's message)."""
+    reason = getattr(e, "strerror", None) or " ".join(str(e).split()) or type(e).__name__
+    return WriteError(f"{path}: cannot write ({reason}); the previous version, if any, is untouched")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -46,8 +62,10 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, WRITE_FAILURES) and not isinstance(e, WriteError):
+            raise write_error(path, e) from e
         raise
     _fsync_dir(path.parent)
     return path
@@ -60,7 +78,10 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tag = uuid.uuid4().hex[:8]
     tmp = path.with_name(f".{path.name}.tmp-{tag}")
-    tmp.mkdir()
+    try:
+        tmp.mkdir()
+    except OSError as e:
+        raise write_error(path, e) from e
     try:
         yield tmp
         mode = 0o666 & ~_umask()
@@ -70,8 +91,10 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
         _fsync_dir(tmp)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, WRITE_FAILURES) and not isinstance(e, WriteError):
+            raise write_error(path, e) from e
         raise
     old = path.with_name(f".{path.name}.old-{tag}")
     if path.exists():

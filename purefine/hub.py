@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -110,10 +111,34 @@ def _hub_error(e: BaseException, repo_id: str, token: str | None, *, action: str
     return HubError(message)
 
 
-def download(repo_id: str, *, local_dir: str | os.PathLike, revision: str | None = None, token: str | None = None,
+REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def is_repo_id(name: str) -> bool:
+    """Whether ``name`` has the shape of a hub repository id (``org/name``) rather than a path."""
+    return REPO_ID.fullmatch(name) is not None and not name.startswith((".", "/")) and ".." not in name
+
+
+def resolve_model_dir(path_or_id: str, *, flag: str = "--checkpoint-dir", revision: str | None = None,
+                      token: str | None = None) -> Path:
+    """A local model directory for ``path_or_id``: the directory itself, or a hub id (``org/name``,
+    as TRL and transformers take) downloaded through the Hugging Face cache with the token from the
+    environment (``HF_TOKEN``). Anything else is a HubError that says which it is not."""
+    path = Path(path_or_id)
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise HubError(f"{flag} {path_or_id}: expected a directory (config.json + safetensors), found a file")
+    if not is_repo_id(path_or_id):
+        raise HubError(f"{flag} {path_or_id}: no such local directory, and not a hub id of the form org/name")
+    return download(path_or_id, local_dir=None, revision=revision, token=token)
+
+
+def download(repo_id: str, *, local_dir: str | os.PathLike | None, revision: str | None = None, token: str | None = None,
              allow_patterns: Sequence[str] = DEFAULT_PATTERNS, repo_type: str = "model",
              endpoint: str | None = None) -> Path:
-    """Snapshot-download ``repo_id`` (at ``revision``) into ``local_dir``; returns that directory.
+    """Snapshot-download ``repo_id`` (at ``revision``) into ``local_dir`` (None: the Hugging Face
+    cache); returns the directory holding the files.
 
     Only files matching ``allow_patterns`` are fetched (by default safetensors, JSON configs and
     tokenizer files); pickled weights never are. Files already present are not fetched again.
@@ -121,7 +146,8 @@ def download(repo_id: str, *, local_dir: str | os.PathLike, revision: str | None
     token = resolve_token(token)
     try:
         path = huggingface_hub.snapshot_download(
-            repo_id, repo_type=repo_type, revision=revision, local_dir=str(local_dir), token=token,
+            repo_id, repo_type=repo_type, revision=revision, local_dir=None if local_dir is None else str(local_dir),
+            token=token,
             allow_patterns=list(allow_patterns), ignore_patterns=list(PICKLE_PATTERNS), endpoint=endpoint,
         )
     except HUB_FAILURES as e:

@@ -67,8 +67,14 @@ def format_bytes(n: float) -> str:
     return str(n)
 
 
+# Task metrics printed on the stdout line when a step reports them (metrics.jsonl keeps every metric).
+TASK_METRICS = ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "logps/chosen",
+                "logps/rejected", "kl")
+
+
 def format_metrics(step: int, total: int | None, metrics: dict[str, Any]) -> str:
-    """One stdout line: ``step 10/100 | loss 2.3456 | lr 3.0e-04 | grad_norm 0.91 | tok/s 1234 | mem 1.2GiB``."""
+    """One stdout line: ``step 10/100 | loss 2.3456 | lr 3.0e-04 | grad_norm 0.91 | tok/s 1234 | mem 1.2GiB``,
+    then the ``TASK_METRICS`` a step reports (``rewards/accuracies 0.875 | ... | eval_rewards/accuracies 0.933``)."""
     parts = [f"step {step}" + (f"/{total}" if total else "")]
     for key, fmt in (("loss", "{:.4f}"), ("eval_loss", "{:.4f}"), ("lr", "{:.2e}"), ("grad_norm", "{:.3f}"),
                      ("tokens_per_s", "{:.0f}")):
@@ -76,6 +82,10 @@ def format_metrics(step: int, total: int | None, metrics: dict[str, Any]) -> str
             parts.append(f"{key.replace('tokens_per_s', 'tok/s')} {fmt.format(metrics[key])}")
     if "peak_memory" in metrics:
         parts.append(f"mem {format_bytes(metrics['peak_memory'])}")
+    for key in TASK_METRICS:  # a task's own metrics (TRL's preference names, distillation's KL), held-out ones too
+        for name in (key, f"eval_{key}"):
+            if isinstance(metrics.get(name), (int, float)):
+                parts.append(f"{name} {metrics[name]:.3f}")
     return " | ".join(parts)
 
 
@@ -93,12 +103,15 @@ class MetricsLogger:
 
     def __init__(self, output_dir: str | Path, *, every: int = 10, total_steps: int | None = None,
                  tensorboard: bool = False, wandb: bool = False, wandb_project: str = "purefine",
-                 progress: bool = True, plot: bool = True, config: dict | None = None, quiet: bool = False):
+                 progress: bool = True, plot: bool = True, config: dict | None = None, quiet: bool = False,
+                 resume_step: int | None = None):
         self.dir = Path(output_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.every, self.total, self.plot, self.quiet = max(1, every), total_steps, plot, quiet
-        self.history: list[dict[str, Any]] = []
-        self.jsonl = open(self.dir / "metrics.jsonl", "a", buffering=1)
+        self.history = self._resumed_history(resume_step)
+        self.jsonl = open(self.dir / "metrics.jsonl", "w", buffering=1)
+        for row in self.history:
+            self.jsonl.write(json.dumps(row) + "\n")
         self.tb = _require("torch.utils.tensorboard", "logging").SummaryWriter(str(self.dir / "tensorboard")) if tensorboard else None
         self.wandb = None
         if wandb:
@@ -106,6 +119,22 @@ class MetricsLogger:
             self.wandb = wb.init(project=wandb_project, dir=str(self.dir), config=config or {})
         self.bar = self._progress_bar() if progress and not quiet else None
         self.started = time.perf_counter()
+
+    def _resumed_history(self, resume_step: int | None) -> list[dict[str, Any]]:
+        """The rows of an earlier metrics.jsonl up to ``resume_step`` (a resumed run continues the file
+        from its checkpoint; the steps logged after it are logged again); [] for a fresh run."""
+        path = self.dir / "metrics.jsonl"
+        if resume_step is None or not path.exists():
+            return []
+        rows = []
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a kill
+            if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= resume_step:
+                rows.append(row)
+        return rows
 
     def _progress_bar(self) -> Any:
         try:
@@ -169,11 +198,11 @@ class MetricsLogger:
         plt.close(fig)
         return path
 
-    def close(self) -> None:
-        """Flush and close every sink; plot the loss curve."""
+    def close(self, *, interrupted: bool = False) -> None:
+        """Flush and close every sink; plot the loss curve (not on Ctrl-C: exit promptly)."""
         if self.bar is not None:
             self.bar.close()
-        if self.plot:
+        if self.plot and not interrupted:
             self.plot_loss()
         self.jsonl.close()
         if self.tb is not None:
@@ -184,5 +213,5 @@ class MetricsLogger:
     def __enter__(self) -> MetricsLogger:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        self.close(interrupted=exc_type is not None and issubclass(exc_type, KeyboardInterrupt))

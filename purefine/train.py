@@ -141,8 +141,8 @@ def make_step(
     its ``sums`` reported the same way (a metric per item: accuracy, rewards).
     ``sync_count`` / ``sync_grads`` all-reduce across data-parallel ranks. With
     ``skip_nonfinite`` a step whose loss or gradient norm is not finite leaves params and
-    optimizer state unchanged (``metrics['skipped'] = 1``). Metrics: loss, tokens (the count),
-    grad_norm, skipped, and the loss's own.
+    optimizer state unchanged (``metrics['skipped'] = 1``). Metrics: loss, count (the normalizer
+    summed over micro-batches and ranks), grad_norm, skipped, and the loss's own.
     """
     grad_fn = value_and_grad(lambda p, b, total: _scaled_loss(loss_fn, cast_params(p, compute_dtype), b, total),
                              trainable, has_aux=True)
@@ -164,7 +164,7 @@ def make_step(
             grads = sync_grads(grads)
         norm = optim.global_norm(grads)
         loss_value, norm_value = float(loss), float(norm)
-        metrics = {"loss": loss_value, "tokens": int(total), "grad_norm": norm_value, "skipped": 0}
+        metrics = {"loss": loss_value, "count": int(total), "grad_norm": norm_value, "skipped": 0}
         metrics |= {k: float(v) for k, v in sums.items()}
         if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
             metrics["nonfinite_grads"] = nonfinite_paths(grads)

@@ -6,8 +6,9 @@
     python scripts/bench.py --cases llama-134m/lora/fp32/remat --steps 3
 """
 
-from purefine.recipes import run
-from purefine.recipes.bench import BenchConfig, main
+import sys
+
+from purefine.cli import main
 
 if __name__ == "__main__":
-    run(main, BenchConfig)
+    main(["bench", *sys.argv[1:]])

@@ -5,8 +5,9 @@
     python scripts/check.py --checkpoint-dir checkpoints/llama2-7b --dtype bf16 --seq-len 256
 """
 
-from purefine.recipes import run
-from purefine.recipes.check import CheckConfig, main
+import sys
+
+from purefine.cli import main
 
 if __name__ == "__main__":
-    run(main, CheckConfig)
+    main(["check", *sys.argv[1:]])

@@ -6,8 +6,9 @@
     python scripts/configs.py validate my-run.yaml
 """
 
-from purefine.recipes import run
-from purefine.recipes.configs import Command, main
+import sys
+
+from purefine.cli import main
 
 if __name__ == "__main__":
-    run(main, Command)
+    main(sys.argv[1:])  # ls | cp | validate, as `purefine ls` ...

@@ -5,8 +5,9 @@
     HF_TOKEN=... python scripts/download.py --repo-id owner/private-model
 """
 
-from purefine.recipes import run
-from purefine.recipes.hub import DownloadConfig, download_main
+import sys
+
+from purefine.cli import main
 
 if __name__ == "__main__":
-    run(download_main, DownloadConfig)
+    main(["download", *sys.argv[1:]])

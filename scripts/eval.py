@@ -6,8 +6,9 @@
         --quantize --tasks hellaswag arc_easy --limit 200
 """
 
-from purefine.recipes import run
-from purefine.recipes.evaluate import EvalConfig, main
+import sys
+
+from purefine.cli import main
 
 if __name__ == "__main__":
-    run(main, EvalConfig)
+    main(["eval", *sys.argv[1:]])

@@ -6,8 +6,9 @@
         --output-dir exports/adapter --format peft
 """
 
-from purefine.recipes import run
-from purefine.recipes.export import ExportConfig, main
+import sys
+
+from purefine.cli import main
 
 if __name__ == "__main__":
-    run(main, ExportConfig)
+    main(["export", *sys.argv[1:]])

@@ -6,8 +6,9 @@
         --template llama2-chat --prompt "Hi!" --temperature 0.7 --top-p 0.9 --max-new-tokens 200
 """
 
-from purefine.recipes import run
-from purefine.recipes.generate import GenerateConfig, main
+import sys
+
+from purefine.cli import main
 
 if __name__ == "__main__":
-    run(main, GenerateConfig)
+    main(["generate", *sys.argv[1:]])

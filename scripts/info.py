@@ -6,8 +6,9 @@
     python scripts/info.py --list
 """
 
-from purefine.recipes import run
-from purefine.recipes.inspect import InspectConfig, main
+import sys
+
+from purefine.cli import main
 
 if __name__ == "__main__":
-    run(main, InspectConfig)
+    main(["info", *sys.argv[1:]])

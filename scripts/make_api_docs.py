@@ -37,6 +37,7 @@ SURFACE: dict[str, tuple[str, ...]] = {
     "purefine.tree": (),
     "purefine.ops": (),
     "purefine.losses": (),
+    "purefine.preference": (),
     "purefine.generate": (),
     "purefine.shard": (),
     "purefine.data": (),

@@ -6,9 +6,9 @@
     python scripts/train.py --model llama2-7b --peft qlora --init random --max-steps 2 --batch-size 1 --max-seq-len 256
 """
 
-from purefine.config import TrainConfig, parse_train_args
-from purefine.recipes import run
-from purefine.recipes.train import main
+import sys
+
+from purefine.cli import main
 
 if __name__ == "__main__":
-    run(main, TrainConfig, parse=parse_train_args)
+    main(["train", *sys.argv[1:]])

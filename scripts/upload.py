@@ -5,8 +5,9 @@
     HF_TOKEN=... python scripts/upload.py --folder out/adapter --repo-id me/llama2-7b-alpaca-lora
 """
 
-from purefine.recipes import run
-from purefine.recipes.hub import UploadConfig, upload_main
+import sys
+
+from purefine.cli import main
 
 if __name__ == "__main__":
-    run(upload_main, UploadConfig)
+    main(["upload", *sys.argv[1:]])

@@ -14,13 +14,13 @@ MAX_LINES = 400
 
 # docs/internals.md: a module imports only from its own layer or below.
 LAYERS = {
-    "errors": 1, "fsutil": 1, "schema": 1, "tree": 1, "ops": 1, "losses": 1,
+    "errors": 1, "fsutil": 1, "schema": 1, "tree": 1, "ops": 1, "losses": 1, "preference": 1,
     "nf4_codec": 2, "nf4": 2, "lora": 2,
     "models": 3,
     "optim": 4, "schedules": 4, "train": 4, "shard": 4,
     "checkpoint": 5, "data": 5,
     "generate": 6, "evaluate": 6, "hub": 6, "logging": 6, "debug": 6,
-    "configio": 7, "config": 7, "recipes": 7, "cli": 7,
+    "configio": 7, "config": 7, "rules": 7, "recipes": 7, "cli": 8,
 }
 
 

@@ -162,12 +162,12 @@ def test_bad_models_columns_and_labels_are_errors_naming_the_flag(tmp_path):
         (dict(data=data), DataError, "row 1: column 'text': expected non-empty text"),
         (dict(peft="lora", lora=LoraConfig(targets=("classifier",))), ConfigError, "selects only the classifier head"),
     ]
-    for overrides, error, message in cases:
+    for i, (overrides, error, message) in enumerate(cases):
         with pytest.raises(error) as info:
-            main(run_cfg(tmp_path / "out", tmp_path / "cache", max_steps=1, **overrides))
+            main(run_cfg(tmp_path / f"out{i}", tmp_path / "cache", max_steps=1, **overrides))
         assert message in str(info.value), (overrides, str(info.value))
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), "--task", "classify", "--model", "bert-debug",
-                             "--data.source", str(tmp_path / "d.jsonl"), "--data.label-column", "topic",
-                             "--output-dir", str(tmp_path / "out")], capture_output=True, text=True)
+                             "--init", "random", "--data.source", str(tmp_path / "d.jsonl"), "--data.label-column",
+                             "topic", "--output-dir", str(tmp_path / "out-cli")], capture_output=True, text=True)
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert result.returncode == 2 and len(lines) == 1 and "--data.label-column" in lines[0], result.stderr[-2000:]

@@ -100,8 +100,8 @@ def test_check_reports_the_max_logit_difference_on_a_tiny_hf_checkpoint(tmp_path
     result = check.main(check.CheckConfig(checkpoint_dir=str(tmp_path / "hf"), seq_len=16))
     out = capsys.readouterr().out
     assert result["ok"] and result["max_logit_diff"] < 1e-4 and result["argmax_agreement"] == 1.0
-    assert len(result["layers"]) == 2 and max(result["layers"]) < 1e-4
-    assert "max logit difference" in out and out.count("layer ") == 2
+    assert len(result["layers"]) == 3 and max(result["layers"]) < 1e-4  # every layer, the last one included
+    assert "max logit difference" in out and out.count("layer ") == 3
 
 
 def test_check_flags_a_broken_forward_at_its_first_layer(tmp_path, capsys, monkeypatch) -> None:
@@ -121,7 +121,7 @@ def test_check_cli_prints_the_report(tmp_path) -> None:
                           cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "ok: max logit difference" in done.stdout and "layer 0" in done.stdout
-    with pytest.raises(ConfigError, match="--checkpoint-dir: required"):
+    with pytest.raises(ConfigError, match="give one of --checkpoint-dir"):
         check.main(check.CheckConfig())
 
 

@@ -31,7 +31,8 @@ FIRST_COMMANDS = [
     'python3 -m venv .venv && . .venv/bin/activate && pip install torch==2.13.0 -e . && python scripts/train.py',
     'python3 -m venv .venv && . .venv/bin/activate && pip install torch==2.13.0 -e ".[dev]" && python -m pytest -q',
 ]
-SLOW_TUTORIALS = {"03-full-finetune-fsdp.md"}  # two torchrun processes: about a minute on 2 cores
+SLOW_TUTORIALS = {"03-full-finetune-fsdp.md",  # two torchrun processes: about a minute on 2 cores
+                  "07-dpo-and-distillation.md"}  # two training runs: about 40 s on 2 cores
 
 
 def blocks(path: Path) -> list[tuple[str, str, bool]]:
@@ -134,8 +135,8 @@ def test_faq_code_runs(tmp_path: Path, hf_cache: Path, monkeypatch: pytest.Monke
     assert run_blocks(DOCS / "faq.md", tmp_path, tutorial_env(hf_cache), monkeypatch) >= 3
 
 
-def test_there_are_six_tutorials_indexed_from_the_readme() -> None:
-    assert len(TUTORIALS) == 6
+def test_there_are_seven_tutorials_indexed_from_the_readme() -> None:
+    assert len(TUTORIALS) == 7
     readme = (ROOT / "README.md").read_text()
     assert all(f"docs/tutorials/{p.name}" in readme for p in TUTORIALS)
 
@@ -179,7 +180,7 @@ def test_every_documented_command_parses(tmp_path: Path, monkeypatch: pytest.Mon
     for _, _, args in commands:
         for name in args:
             if name.endswith(".yaml") and "/" not in name:
-                (tmp_path / name).write_bytes((ROOT / "configs" / "tiny-demo.yaml").read_bytes())
+                (tmp_path / name).write_bytes((ROOT / "purefine" / "configs" / "tiny-demo.yaml").read_bytes())
     assert len(commands) >= 30 and {s for _, s, _ in commands} >= set(table)
     for source, script, args in commands:
         if script not in table or "--help" in args:

@@ -97,7 +97,9 @@ def test_bf16_export_is_the_fp32_export_rounded(base_dir, tmp_path):
     adapter, _ = adapter_dir(tmp_path, base_dir, dora=False)
     common = dict(checkpoint_dir=str(base_dir), adapter_dir=str(adapter))
     fp32 = main(ExportConfig(**common, output_dir=str(tmp_path / "fp32"), dtype="fp32"))
-    bf16 = main(ExportConfig(**common, output_dir=str(tmp_path / "bf16")))
+    bf16 = main(ExportConfig(**common, output_dir=str(tmp_path / "bf16"), dtype="bf16"))
+    auto = main(ExportConfig(**common, output_dir=str(tmp_path / "auto")))  # the base is stored in fp32
+    assert json.loads((auto / "config.json").read_text())["torch_dtype"] == "float32"
     assert json.loads((bf16 / "config.json").read_text())["torch_dtype"] == "bfloat16"
     with (safe_open(fp32 / "model.safetensors", framework="pt") as a,
           safe_open(bf16 / "model.safetensors", framework="pt") as b):
@@ -153,7 +155,7 @@ def test_export_from_a_random_init_run(tmp_path, peft):
     """A demo-style run (a preset's seeded random init, NF4 for QLoRA): the base is rebuilt from config.yaml."""
     from purefine.recipes.setup import load_model
 
-    cfg = TrainConfig(model="llama-debug", peft=peft, seed=7, output_dir=str(tmp_path / "run"))
+    cfg = TrainConfig(model="llama-debug", peft=peft, seed=7, init="random", output_dir=str(tmp_path / "run"))
     model_cfg, base = load_model(cfg, torch.device("cpu"))
     params = trained(base, dora=False, seed=3)
     write_run(tmp_path / "run", cfg, params, model_cfg)

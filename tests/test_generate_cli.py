@@ -16,7 +16,7 @@ from purefine import checkpoint, data, generate, lora, models, tree
 from purefine.config import TrainConfig, to_yaml
 from purefine.errors import DataError
 from purefine.recipes import run
-from purefine.recipes.generate import RAW, GenerateConfig, main, prompt_tokens, read_prompts, stop_ids
+from purefine.recipes.generate import PLAIN, GenerateConfig, main, prompt_tokens, read_prompts, stop_ids
 from tests.conftest import ROOT, make_hf_llama
 
 PROMPTS = ["The capital of France is", "Once upon a time, in a land far away, there lived", "Hi"]
@@ -56,8 +56,8 @@ def test_script_greedy_equals_generate_on_merged_params(model, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     tokenizer = data.load_tokenizer(base)
-    prompts = [tokenizer.encode(p, bos=True) for p in PROMPTS]  # raw: BOS + the text
-    want = reference(cfg, params, prompts, 12, stop_ids(cfg, tokenizer, RAW))
+    prompts = [tokenizer.encode(p, bos=True) for p in PROMPTS]  # plain: BOS + the text
+    want = reference(cfg, params, prompts, 12, stop_ids(cfg, tokenizer, PLAIN))
     assert [r["prompt"] for r in rows] == PROMPTS
     assert [r["tokens"] for r in rows] == want
     assert want != reference(cfg, checkpoint.load_hf(base)[1], prompts, 12, ())  # the adapter matters
@@ -115,7 +115,7 @@ def test_quantized_base_generates_with_the_nf4_model(model):
     nf4_params = generate.cast_params(checkpoint.load_peft(adapter, nf4_params), torch.bfloat16)
     tokenizer = data.load_tokenizer(base)
     want = generate.generate(cfg, nf4_params, [tokenizer.encode(PROMPTS[0], bos=True)], max_new_tokens=5,
-                             eos_ids=stop_ids(cfg, tokenizer, RAW))
+                             eos_ids=stop_ids(cfg, tokenizer, PLAIN))
     assert rows[0]["tokens"] == want[0]
 
 
@@ -138,7 +138,7 @@ def test_read_prompts(tmp_path):
     (["--prompt", "x", "--top-p", "1.5"], "--top-p"),
     (["--prompt", "x", "--top-k", "0"], "--top-k"),
     (["--prompt", "x", "--template", "nope"], "--template: unknown template 'nope'"),
-    (["--prompt", "x", "--template", "raw", "--system", "s"], "--system"),
+    (["--prompt", "x", "--template", "plain", "--system", "s"], "--system"),
     (["--prompt", "x", "--temperature", "warm"], "temperature"),
     (["--prompt", "x", "--bogus-flag"], "bogus"),
     (["--prompt", "x", "--stop", ""], "--stop"),

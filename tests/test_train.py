@@ -45,7 +45,7 @@ def test_accumulation_equals_one_big_batch(peft):
     step = pf.train.make_step(pf.models.loss_fn(cfg), opt, trainable=trainable)
     s_big, m_big = step(pf.train.init(params, opt, trainable=trainable), big)
     s_acc, m_acc = step(pf.train.init(params, opt, trainable=trainable), micro)
-    assert m_big["tokens"] == m_acc["tokens"] == int((big["labels"] != -100).sum())
+    assert m_big["count"] == m_acc["count"] == int((big["labels"] != -100).sum())
     assert abs(m_big["loss"] - m_acc["loss"]) < 1e-5 and abs(m_big["grad_norm"] - m_acc["grad_norm"]) < 1e-5
     params_equal(s_big.params, s_acc.params, atol=1e-5)
 

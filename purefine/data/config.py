@@ -16,7 +16,9 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Literal
+
+import tyro
 
 from purefine.data.sources import BUILTIN_DEMO
 from purefine.data.templates import get_template
@@ -85,14 +87,14 @@ class DataConfig:
     """Expected field -> dataset column, e.g. instruction question output answer."""
     train_on: TrainOn = "assistant"
     """Tokens that carry loss: assistant turns, all tokens, or the last assistant turn."""
-    max_seq_len: int = 512
-    """Samples are truncated to this many tokens; packed rows have this length."""
+    max_seq_len: Annotated[int, tyro.conf.Suppress] = 512
+    """Samples are truncated to this many tokens; packed rows have this length (on the command line: --max-seq-len)."""
     packing: bool = True
     """Pack several samples per row (block-causal attention keeps them apart)."""
     shuffle: bool = True
     """Shuffle the training samples each epoch."""
-    seed: int = 0
-    """Seed of the sampler's shuffling (start from SamplerState(seed=...))."""
+    seed: Annotated[int, tyro.conf.Suppress] = 0
+    """Seed of the sampler's shuffling (on the command line: --seed)."""
     max_samples: int | None = None
     """Use only the first N training rows."""
     skip_bad_rows: bool = False

@@ -1,4 +1,4 @@
-"""List, copy and validate the YAML presets under configs/ (torchtune's ``tune ls / cp / validate``).
+"""List, copy and validate the YAML presets shipped in purefine/configs/ (torchtune's ``tune ls / cp / validate``).
 
     python scripts/configs.py ls
     python scripts/configs.py cp llama2-7b-qlora my-run.yaml
@@ -13,9 +13,10 @@ from typing import Annotated
 
 import tyro
 
-from purefine import configio, fsutil
-from purefine.config import TrainConfig, list_presets, load_preset, resolve_preset, validate
+from purefine import fsutil
+from purefine.config import list_presets, load_preset, resolve_preset
 from purefine.errors import ConfigError
+from purefine.recipes import preflight
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,8 @@ class Cp:
 
 @dataclass(frozen=True)
 class Validate:
-    """Check a config file without running it: every key, type and range."""
+    """Check a config file without running it: every key, type, range, path, template and the output
+    directory, all problems at once."""
 
     path: Annotated[str, tyro.conf.Positional]
     """A preset name or a YAML file."""
@@ -65,8 +67,12 @@ def main(cmd: Ls | Cp | Validate) -> object:
         fsutil.atomic_write(dest, src.read_bytes())
         print(f"copied {src} -> {dest}")
         return dest
-    cfg = validate(configio.merge(TrainConfig(), configio.load_yaml(resolve_preset(cmd.path)), str(cmd.path)))
-    print(f"{cmd.path}: valid ({cfg.model}, peft={cfg.peft})")
+    cfg, found = preflight.check_file(cmd.path)
+    if found:
+        for line in found:
+            print(f"  {line}")
+        raise ConfigError(f"{cmd.path}: {len(found)} problem{'s' * (len(found) > 1)} (listed above)")
+    print(f"{cmd.path}: valid ({cfg.model}, task={cfg.task}, peft={cfg.peft})")
     return cfg
 
 

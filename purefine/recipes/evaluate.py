@@ -122,6 +122,17 @@ def results_table(results: dict) -> str:
     return table
 
 
+def _no_git_probe() -> None:
+    """lm-eval records the git commit of the working directory by running ``git describe``, whose
+    "fatal: not a git repository" reaches the terminal outside a checkout; the commit of the user's
+    directory means nothing to these results, so the probe answers None."""
+    try:
+        from lm_eval.loggers import utils as lm_eval_env
+    except ImportError:
+        return
+    lm_eval_env.get_git_commit_hash = lambda: None
+
+
 def main(cfg: EvalConfig) -> dict:
     """Evaluate, print lm-eval's results table, write --output; returns lm-eval's results dict."""
     from purefine.evaluate import require_lm_eval
@@ -130,6 +141,7 @@ def main(cfg: EvalConfig) -> dict:
     require_lm_eval()
     import lm_eval
 
+    _no_git_probe()
     tasks = task_names(cfg)
     manager = task_manager(tasks, cfg.include_path)  # unknown tasks fail before the model loads
     lm = build_lm(cfg)

@@ -35,8 +35,8 @@ class ExportConfig(ModelSource):
     """Where to write the export (required)."""
     format: Literal["hf", "peft"] = "hf"
     """hf = merged full model (transformers); peft = the adapter alone (peft.PeftModel)."""
-    dtype: Literal["bf16", "fp32"] = "bf16"
-    """Dtype of the merged weights (--format hf)."""
+    dtype: Literal["auto", "bf16", "fp32"] = "auto"
+    """Dtype of the merged weights (--format hf); auto = the dtype the model's weights were stored in (a full fine-tune's fp32, a bf16 base's bf16)."""
     base_model: str | None = None
     """base_model_name_or_path written in the adapter's config (default: the base checkpoint or preset)."""
     overwrite: bool = False
@@ -48,6 +48,31 @@ class ExportConfig(ModelSource):
 
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+NAMES = {"bfloat16": "bf16", "float32": "fp32", "float16": "bf16"}
+
+
+def stored_dtype(path: Path) -> str:
+    """bf16 or fp32: the floating dtype most of a checkpoint's parameters are stored in (from headers)."""
+    dtypes = checkpoint.inspect(path)["dtypes"]
+    floating = {k: n for k, n in dtypes.items() if k in NAMES}
+    return NAMES[max(floating, key=floating.get)] if floating else "fp32"
+
+
+def auto_dtype(cfg: ExportConfig) -> str:
+    """The dtype ``--dtype auto`` writes: the stored dtype of what is exported (a run's model/, else
+    its base checkpoint; --checkpoint-dir), or a random-init run's frozen weights' dtype."""
+    if cfg.run_dir is None:
+        return stored_dtype(setup.model_dir(cfg.checkpoint_dir))
+    from purefine.config import load_preset
+
+    run = Path(cfg.run_dir)
+    if (run / "model").is_dir():
+        return stored_dtype(run / "model")
+    train_cfg = load_preset(str(run / "config.yaml"))
+    source = setup.checkpoint_source(train_cfg)
+    if source is not None:
+        return stored_dtype(source)
+    return "bf16" if setup.compute_dtype(train_cfg) == torch.bfloat16 else "fp32"
 
 
 def check(cfg: ExportConfig) -> Path:
@@ -100,7 +125,8 @@ def main(cfg: ExportConfig) -> Path:
         print(f"exported the adapter ({n} LoRA weights, PEFT format) to {path}")
         return path
     n = len(lora.adapters(loaded.params))
-    path = export_hf(out, loaded, DTYPES[cfg.dtype], int(cfg.max_shard_size_gb * (1 << 30)))
+    dtype = auto_dtype(cfg) if cfg.dtype == "auto" else cfg.dtype
+    path = export_hf(out, loaded, DTYPES[dtype], int(cfg.max_shard_size_gb * (1 << 30)))
     what = f"{n} adapted weights merged" if n else "no adapter"
-    print(f"exported the model ({what}, {cfg.dtype}) to {path}")
+    print(f"exported the model ({what}, {dtype}) to {path}")
     return path

@@ -26,7 +26,7 @@ from purefine.recipes.loading import (
     DType, ModelSource, check_source, compute_dtype, load_model, pick_device, require_tokenizer,
 )
 
-RAW = "raw"
+PLAIN = "plain"  # the prompt as plain text after BOS, no chat formatting (the data pipeline's "plain" too)
 
 
 @dataclass(frozen=True)
@@ -38,9 +38,9 @@ class GenerateConfig(ModelSource):
     prompts_file: str | None = None
     """A file of prompts: one per line, or JSON lines with a "prompt" field (.jsonl)."""
     template: str | None = None
-    """Chat template: alpaca, llama2-chat, chatml, llama3, none, or raw (plain text); default: the run's, else raw."""
+    """Chat template: tokenizer (its own chat template), alpaca, llama2-chat, chatml, llama3, or plain (the text after BOS); default: the run's, else the tokenizer's own, else plain."""
     system: str | None = None
-    """A system message (templates other than raw)."""
+    """A system message (chat templates; not plain)."""
     max_new_tokens: int = 128
     """Most tokens to generate per prompt."""
     temperature: float = 0.0
@@ -78,11 +78,10 @@ def check(cfg: GenerateConfig) -> None:
         raise ConfigError(f"--top-k: expected a positive integer, found {cfg.top_k}")
     if cfg.top_p is not None and not 0.0 < cfg.top_p <= 1.0:
         raise ConfigError(f"--top-p: expected a probability in (0, 1], found {cfg.top_p}")
-    if cfg.template is not None and cfg.template != RAW and cfg.template not in data.TEMPLATES:
-        raise ConfigError(f"--template: unknown template {cfg.template!r}; expected {RAW} or one of "
-                          f"{', '.join(data.TEMPLATES)}")
-    if cfg.template == RAW and cfg.system is not None:
-        raise ConfigError("--system: the raw template has no system message; pick a chat --template")
+    if cfg.template is not None and cfg.template not in data.TEMPLATES:
+        raise ConfigError(f"--template: unknown template {cfg.template!r}; expected one of {', '.join(data.TEMPLATES)}")
+    if cfg.template in (PLAIN, "none") and cfg.system is not None:
+        raise ConfigError("--system: the plain template has no system message; pick a chat --template")
     if any(not s for s in cfg.stop):
         raise ConfigError("--stop: an empty stop string would stop at once")
 
@@ -121,22 +120,49 @@ def all_prompts(cfg: GenerateConfig) -> list[str]:
 
 
 def prompt_tokens(prompt: str, template: str, tokenizer: data.Tokenizer, system: str | None = None) -> list[int]:
-    """A prompt's ids: BOS + the text for ``raw``, else the template's rendering of [system,] user,
+    """A prompt's ids: BOS + the text for ``plain``, else the template's rendering of [system,] user,
     ending with the assistant header (``data.prompt_ids``), exactly as training encoded prompts."""
-    if template == RAW:
+    if template in (PLAIN, "none"):
         return tokenizer.encode(prompt, bos=True)
     system_turn = [{"role": "system", "content": system}] if system is not None else []
     messages = [*system_turn, {"role": "user", "content": prompt}]
     return data.prompt_ids(messages, template, tokenizer)
 
 
+def end_of_turn_ids(template: Any, tokenizer: data.Tokenizer) -> list[int]:
+    """The special tokens that close an assistant turn under ``template``: a hand-written template's
+    ``stop_tokens`` (``<|im_end|>``, ``<|eot_id|>``); for the tokenizer's own chat template, the last
+    trained token of a rendered assistant turn when it is a special token."""
+    if isinstance(template, data.Template):
+        return [i for t in template.stop_tokens if (i := tokenizer.token_to_id(t)) is not None]
+    turn = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    ids, trained = data.chat_template.tokenize_chat(turn, template, tokenizer)
+    last = [i for i, keep in zip(ids, trained) if keep][-1:]
+    return [i for i in last if i in set(tokenizer.special_tokens.values())]
+
+
 def stop_ids(cfg: Any, tokenizer: data.Tokenizer, template: str) -> tuple[int, ...]:
     """Token ids that end a completion: the model config's eos ids, the tokenizer's EOS and the
-    template's end-of-turn tokens (``<|im_end|>``, ``<|eot_id|>``)."""
+    template's end-of-turn tokens."""
     ids = list(generate.default_eos_ids(cfg)) + ([tokenizer.eos_id] if tokenizer.eos_id is not None else [])
-    if template != RAW:
-        ids += [i for t in data.get_template(template).stop_tokens if (i := tokenizer.token_to_id(t)) is not None]
+    if template not in (PLAIN, "none"):
+        ids += end_of_turn_ids(data.formats.resolve_template(template, tokenizer), tokenizer)
     return tuple(dict.fromkeys(ids))
+
+
+def default_template(cfg: GenerateConfig, loaded: Any, tokenizer: data.Tokenizer) -> str:
+    """--template, else the template the run trained with (a --run-dir, or an --adapter-dir inside a
+    run's output directory), else the tokenizer's own chat template, else plain."""
+    if cfg.template is not None:
+        return cfg.template
+    if loaded.template is not None:
+        return loaded.template
+    run = Path(cfg.adapter_dir).parent / "config.yaml" if cfg.adapter_dir is not None else None
+    if run is not None and run.is_file():
+        from purefine.config import load_preset
+
+        return load_preset(str(run)).data.template
+    return "tokenizer" if data.chat_template.ChatTemplate.of(tokenizer) is not None else PLAIN
 
 
 def main(cfg: GenerateConfig) -> list[dict]:
@@ -148,7 +174,7 @@ def main(cfg: GenerateConfig) -> list[dict]:
     dtype = compute_dtype(cfg.dtype, device, cfg.quantize)
     loaded = load_model(cfg, device=device, dtype=dtype)
     tokenizer = require_tokenizer(loaded)
-    template = cfg.template or loaded.template or RAW
+    template = default_template(cfg, loaded, tokenizer)
     encoded = [prompt_tokens(p, template, tokenizer, cfg.system) for p in prompts]
     eos = stop_ids(loaded.cfg, tokenizer, template)
     params = generate.cast_params(loaded.params, dtype)

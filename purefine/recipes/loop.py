@@ -33,10 +33,12 @@ from purefine.recipes.setup import to_device
 from purefine.recipes.tasks.base import Task
 
 
-def count_steps(cfg: TrainConfig, task: Task, world_size: int) -> int:
-    """Optimizer steps of the run: --max-steps, else --epochs passes over the training data."""
+def count_steps(cfg: TrainConfig, task: Task, world_size: int) -> tuple[int, str]:
+    """(optimizer steps of the run, what decided them): --max-steps, else --epochs (default one)
+    passes over the training data."""
     if cfg.max_steps is not None:
-        return cfg.max_steps
+        return cfg.max_steps, "--max-steps"
+    epochs = cfg.epochs or 1
     state, n = data.SamplerState(seed=cfg.seed), 0
     while True:
         rows, state = data.plan_rows(task.train_set.lengths, state, rows=cfg.batch_size * world_size,
@@ -44,7 +46,14 @@ def count_steps(cfg: TrainConfig, task: Task, world_size: int) -> int:
         if not rows:
             break
         n += 1
-    return max(1, -(-n * cfg.epochs // cfg.grad_accum))
+    return max(1, -(-n * epochs // cfg.grad_accum)), f"{epochs} epoch{'s' * (epochs != 1)}"
+
+
+def batch_tokens(batch: Any) -> int:
+    """Positions the model computes on in a batch (B x T per ``tokens`` tensor; preference pairs count both)."""
+    if isinstance(batch, dict) and "tokens" not in batch:
+        return sum(batch_tokens(v) for v in batch.values() if isinstance(v, dict))
+    return int(batch["tokens"].numel())
 
 
 def evaluate(task: Task, loss_fn: Any, params: Any, cfg: TrainConfig, device: torch.device, dtype: torch.dtype,
@@ -94,10 +103,24 @@ def _eval_line(when: str, result: dict[str, float] | None) -> str | None:
     return " | ".join(f"eval_{k} {when} {v:.4f}" if k == "loss" else f"eval_{k} {v:.3f}" for k, v in result.items())
 
 
+def trained_tokens(batch: Any) -> int:
+    """Positions that carry a label in a batch (every (B, T) ``labels`` tensor, pairs included)."""
+    if isinstance(batch, dict) and "labels" not in batch:
+        return sum(trained_tokens(v) for v in batch.values() if isinstance(v, dict))
+    labels = batch.get("labels")
+    return int((labels != -100).sum()) if labels is not None and labels.dim() == 2 else 0
+
+
 def run(cfg: TrainConfig, task: Task, layout: Any, state: train.TrainState, step_fn: Any, schedule: Any,
-        total_steps: int, out: Path, device: torch.device, dtype: torch.dtype, trainable: Any) -> dict:
-    """Step to the end (see the module doc); returns the summary, with the final state under ``state``."""
+        total_steps: int, out: Path, device: torch.device, dtype: torch.dtype, trainable: Any,
+        decided_by: str = "--max-steps") -> dict:
+    """Step to the end (see the module doc); returns the summary, with the final state under ``state``.
+
+    Throughput: ``tokens_per_s`` counts every position the model computes on (B x T of each
+    micro-batch, padding included), ``trained_tokens_per_s`` those that carry a label; the
+    benchmark (``scripts/bench.py``) counts the same way."""
     state, resumed = resume.maybe_resume(cfg, out, state, trainable, layout)
+    checkpoints = resume.Checkpoints(cfg, out, trainable, layout)
     sampler = data.SamplerState.from_dict(state.data_position) if resumed else data.SamplerState(seed=cfg.seed)
     stream = task.stream(task.train_set, sampler, shuffle=cfg.data.shuffle, loop=True, rank=layout.dp_rank,
                          world_size=layout.dp_size)
@@ -106,11 +129,14 @@ def run(cfg: TrainConfig, task: Task, layout: Any, state: train.TrainState, step
     n_trainable = sum(x.numel() for _, x in train.trainable_leaves(state.params, trainable).items())
     losses: list[float] = []
     logger_cls = MetricsLogger if layout.is_main else _SilentLogger
+    totals = {"tokens": 0, "trained": 0, "seconds": 0.0}
     with logger_cls(out, every=cfg.log_every, total_steps=total_steps, tensorboard=cfg.tensorboard,
-                    wandb=cfg.wandb, progress=cfg.progress, plot=cfg.plot, config=to_dict(cfg)) as logger:
+                    wandb=cfg.wandb, progress=cfg.progress, plot=cfg.plot, config=to_dict(cfg),
+                    resume_step=state.step if resumed else None) as logger:
         what = f" ({task.header})" if task.header else ""
         logger.write(f"model {task.model_cfg.model_type}{what} | {cfg.peft} | trainable {n_trainable:,} params | "
-                     f"{len(task.train_set)} samples | {total_steps} steps | {dtype} on {device}"
+                     f"{data.describe(task.train_set)} | {total_steps} steps ({decided_by}) | {dtype} on {device}"
+                     f" | remat {'on' if cfg.remat else 'off'}"
                      + (f" | resumed from {resumed} at step {state.step}" if resumed else ""))
         hooks = debug.TrainHooks(cfg, out, task.model_cfg, trainable, dtype, device, world_size=layout.world_size,
                                  is_main=layout.is_main, write=logger.write)  # --profile, --debug-stats, --memory-report
@@ -129,7 +155,11 @@ def run(cfg: TrainConfig, task: Task, layout: Any, state: train.TrainState, step
                 resume.check_finite(metrics, state.step, out)
                 seconds = time.perf_counter() - t0
                 state = state.replace(data_position=sampler.to_dict())
-                metrics |= {"lr": lr, "tokens_per_s": metrics["tokens"] / seconds, "seconds": seconds,
+                tokens, trained = sum(map(batch_tokens, micro)), sum(map(trained_tokens, micro))
+                totals = {"tokens": totals["tokens"] + tokens, "trained": totals["trained"] + trained,
+                          "seconds": totals["seconds"] + seconds}
+                metrics |= {"lr": lr, "tokens": tokens, "tokens_per_s": tokens / seconds,
+                            "trained_tokens_per_s": trained / seconds, "seconds": seconds,
                             "peak_memory": peak_memory_bytes(device)}
                 if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < total_steps:
                     now = evaluate(task, eval_loss, state.params, cfg, device, dtype, layout) or {}
@@ -138,13 +168,14 @@ def run(cfg: TrainConfig, task: Task, layout: Any, state: train.TrainState, step
                 logger.log(state.step, {k: v for k, v in metrics.items() if k != "nonfinite_grads"})
                 hooks.after_step(state, micro)
                 if cfg.save_every and (state.step % cfg.save_every == 0 or state.step == stop):
-                    resume.save(out, state, trainable, layout, cfg.keep_last)
+                    checkpoints.save(state)
         except KeyboardInterrupt:
             if cfg.save_on_interrupt:
-                path = resume.save(out, state, trainable, layout, cfg.keep_last)
+                path = checkpoints.save(state, wait=True)
                 logger.write(f"interrupted at step {state.step}: saved {path} (resume with --resume latest)")
             raise
         hooks.close()
+        checkpoints.wait()  # a background save (--async-save) is committed before the run ends
         end = evaluate(task, eval_loss, state.params, cfg, device, dtype, layout)
         if end is not None and logger.history:
             logger.history[-1] |= {f"eval_{k}": v for k, v in end.items()}
@@ -154,7 +185,9 @@ def run(cfg: TrainConfig, task: Task, layout: Any, state: train.TrainState, step
     summary = {"task": task.name, "steps": state.step, "losses": losses,
                "first_loss": sum(losses[:k]) / k if losses else None,
                "last_loss": sum(losses[-k:]) / k if losses else None, "peak_memory": peak_memory_bytes(device),
-               "trainable_params": n_trainable, "resumed_from": str(resumed) if resumed else None, **task.facts}
+               "trainable_params": n_trainable, "resumed_from": str(resumed) if resumed else None,
+               "train_seconds": totals["seconds"], "tokens_per_s": totals["tokens"] / max(totals["seconds"], 1e-9),
+               "trained_tokens_per_s": totals["trained"] / max(totals["seconds"], 1e-9), **task.facts}
     for when, result in (("start", start), ("end", end)):
         keys = set(result or {}) | set(end or {}) | {"loss"}
         summary |= {f"eval_{k}_{when}": (result or {}).get(k) for k in sorted(keys)}

@@ -8,13 +8,16 @@ generate / eval / export reuse the model pieces through ``recipes.loading``.
 
 from __future__ import annotations
 
+import functools
 import re
+import shutil
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from purefine import checkpoint, data, fsutil, lora, models, nf4, optim, schedules, train
+from purefine import checkpoint, data, fsutil, hub, lora, models, nf4, optim, schedules, train
 from purefine.config import TrainConfig
 from purefine.errors import ConfigError
 
@@ -30,14 +33,38 @@ def bundled_checkpoint(model: str) -> Path | None:
     return path if (path / "config.json").exists() else None
 
 
+@functools.lru_cache(maxsize=8)
+def model_dir(path_or_id: str) -> Path:
+    """--checkpoint-dir as a local directory: the directory, or a hub id downloaded to the HF cache."""
+    return hub.resolve_model_dir(path_or_id)
+
+
 def checkpoint_source(cfg: TrainConfig) -> Path | None:
-    """The checkpoint a run starts from: --checkpoint-dir, else the preset's bundled weights
-    (``--init auto``), else None (random init)."""
+    """The checkpoint a run starts from: --checkpoint-dir (a directory or a hub id), else the preset's
+    bundled weights; None for ``--init random``. A preset without weights under ``--init auto`` is
+    an error: training random weights by accident is worse than stopping."""
     if cfg.init == "random":
         return None
     if cfg.checkpoint_dir is not None:
-        return Path(cfg.checkpoint_dir)
-    return bundled_checkpoint(cfg.model) if cfg.init == "auto" else None
+        return model_dir(cfg.checkpoint_dir)
+    bundled = bundled_checkpoint(cfg.model)
+    if bundled is None:
+        flag = "--init checkpoint" if cfg.init == "checkpoint" else "--model"
+        raise ConfigError(f"{flag} {cfg.model}: the preset ships no weights; pass --checkpoint-dir (a local HF "
+                          "directory or a hub id such as meta-llama/Llama-2-7b-hf), or --init random to train a "
+                          "seeded random init")
+    return bundled
+
+
+def base_model_name(cfg: TrainConfig) -> str | None:
+    """What an adapter names as its base (``base_model_name_or_path``): the hub id or the absolute
+    checkpoint directory, the bundled weights' path, or None for a random init (no base to load)."""
+    if cfg.init == "random":
+        return None
+    if cfg.checkpoint_dir is not None:
+        local = Path(cfg.checkpoint_dir)
+        return str(local.resolve()) if local.is_dir() else cfg.checkpoint_dir
+    return str(checkpoint_source(cfg).resolve())
 
 
 def pick_device(name: str) -> torch.device:
@@ -54,6 +81,46 @@ def compute_dtype(cfg: TrainConfig) -> torch.dtype:
     if cfg.dtype == "bf16" or (cfg.dtype == "auto" and cfg.peft == "qlora"):
         return torch.bfloat16
     return torch.float32
+
+
+# What a run writes; their presence marks a directory as holding an earlier run.
+RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "loss.png", "memory.json", "debug_stats.jsonl",
+             "adapter", "model", "merged", "checkpoints", "tensorboard", "profile")
+
+
+def default_output_dir(cfg: TrainConfig) -> str:
+    """A new directory per run: ``outputs/<model>-<task>-<peft>-<YYYYmmdd-HHMMSS>`` (numbered if taken)."""
+    model = Path(cfg.checkpoint_dir).name if cfg.checkpoint_dir else cfg.model
+    base = f"outputs/{model}-{cfg.task}-{cfg.peft}-{datetime.now():%Y%m%d-%H%M%S}"
+    name, n = base, 1
+    while Path(name).exists():
+        n += 1
+        name = f"{base}-{n}"
+    return name
+
+
+def claim_output_dir(cfg: TrainConfig) -> Path:
+    """The run's output directory, created and proven writable. One that holds an earlier run is
+    refused unless ``--resume`` continues it or ``--overwrite`` replaces it (its run files removed)."""
+    out = Path(cfg.output_dir)
+    found = [n for n in RUN_FILES if (out / n).exists()]
+    if found and cfg.resume is None:
+        if not cfg.overwrite:
+            raise ConfigError(f"--output-dir {out}: holds an earlier run ({', '.join(found[:4])}); pass --overwrite "
+                              "to replace it, --resume latest to continue it, or another --output-dir")
+        for name in found:
+            path = out / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return prepare_output_dir(str(out))
+
+
+def same_on_every_rank(value: Any) -> Any:
+    """``value`` as rank 0 has it, on every process (a broadcast under torchrun; itself on one process)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def prepare_output_dir(path: str) -> Path:
@@ -74,10 +141,7 @@ def load_model(cfg: TrainConfig, device: torch.device, layout: Any = None) -> tu
     dtype = compute_dtype(cfg)
     frozen_dtype = dtype if cfg.peft != "none" else torch.float32  # full FT keeps fp32 masters
     source = checkpoint_source(cfg)
-    if source is not None:
-        model_cfg = checkpoint.read_config(source)[0]
-    else:
-        model_cfg = models.preset(cfg.model) if cfg.checkpoint_dir is None else checkpoint.read_config(cfg.checkpoint_dir)[0]
+    model_cfg = checkpoint.read_config(source)[0] if source is not None else models.preset(cfg.model)
     quantize = models.quantize_pattern(model_cfg) if cfg.peft == "qlora" else None
     if source is not None:
         sliced = layout is not None and cfg.peft != "dora"  # DoRA's magnitude is set from whole weights
@@ -101,13 +165,18 @@ def has_tokenizer(path: Path | str | None) -> bool:
 
 
 def tokenizer_path(cfg: TrainConfig, default: Path = data.DEMO_TOKENIZER) -> Path:
-    """--tokenizer, else the checkpoint's tokenizer files, else ``default`` (the bundled demo tokenizer)."""
+    """--tokenizer, else the checkpoint's (or the bundled weights') tokenizer files, else ``default``
+    (the bundled demo tokenizer) for a random init. A checkpoint without a tokenizer is an error:
+    another tokenizer's ids would mean nothing to its embeddings."""
     if cfg.tokenizer is not None:
         return Path(cfg.tokenizer)
-    for ck in (cfg.checkpoint_dir, bundled_checkpoint(cfg.model)):
-        if has_tokenizer(ck):
-            return Path(ck)
-    return default
+    source = checkpoint_source(cfg)
+    if source is None:
+        return default
+    if not has_tokenizer(source):
+        raise ConfigError(f"--checkpoint-dir {cfg.checkpoint_dir or source}: no tokenizer.model or tokenizer.json "
+                          "beside the weights; pass --tokenizer PATH (the tokenizer the model was trained with)")
+    return source
 
 
 def apply_peft(cfg: TrainConfig, model_cfg: Any, params: dict, *, full: str | None = None,

@@ -9,6 +9,7 @@ Outputs in ``cfg.output_dir``: ``adapter/`` (HF PEFT format) for LoRA / QLoRA / 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -28,8 +29,8 @@ def save_outputs(out: Path, cfg: TrainConfig, model_cfg: Any, params: dict, tok_
     if cfg.peft == "none":
         written["model"] = str(checkpoint.save_hf(out / "model", model_cfg, params, extra_files=tok_files))
     else:
-        base = cfg.checkpoint_dir or cfg.model
-        written["adapter"] = str(checkpoint.save_peft(out / "adapter", model_cfg, params, base_model=base))
+        written["adapter"] = str(checkpoint.save_peft(out / "adapter", model_cfg, params,
+                                                      base_model=setup.base_model_name(cfg)))
     if cfg.save_merged and cfg.peft != "none":
         merged = lora.merge(params)
         dtype = torch.bfloat16 if cfg.peft == "qlora" else None
@@ -42,9 +43,13 @@ def main(cfg: TrainConfig) -> dict:
     cfg = validate(cfg)
     limit_heap_fragmentation()
     layout = shard.layout(cfg.parallel, setup.pick_device(cfg.device))  # torchrun: process group and mesh
-    out = setup.prepare_output_dir(cfg.output_dir) if layout.is_main else Path(cfg.output_dir)
+    if cfg.output_dir is None:  # rank 0 names the new run's directory, every rank uses it
+        cfg = dataclasses.replace(cfg, output_dir=setup.same_on_every_rank(setup.default_output_dir(cfg)))
+    out = setup.claim_output_dir(cfg) if layout.is_main else Path(cfg.output_dir)
     if layout.is_main:
         fsutil.atomic_write(out / "config.yaml", to_yaml(cfg))
+        if cfg.init == "random":
+            print(f"note: --init random: {cfg.model} starts from random weights (seed {cfg.seed}), not a pretrained model")
     device, dtype = layout.device, setup.compute_dtype(cfg)
     torch.manual_seed(cfg.seed)
     model_cfg, params = setup.load_model(cfg, device, layout)
@@ -52,14 +57,15 @@ def main(cfg: TrainConfig) -> dict:
     del params
     params, trainable = setup.apply_peft(cfg, task.model_cfg, task.params, full=task.full, full_name=task.full_name)
     params = layout.shard_params(task.model_cfg, params)
-    total_steps = loop.count_steps(cfg, task, world_size=layout.dp_size)
+    total_steps, decided_by = loop.count_steps(cfg, task, world_size=layout.dp_size)
     opt, schedule = setup.make_optimizer(cfg.optim, total_steps)
     step_fn = layout.make_step(task.model_cfg, opt, trainable=trainable, remat=uses_remat(cfg),
                                clip_norm=cfg.optim.clip_norm or None, compute_dtype=dtype if dtype != torch.float32 else None,
                                skip_nonfinite=cfg.nan_policy == "skip", loss=task.loss, count=task.count)
     state = train.init(params, opt, trainable=trainable, seed=cfg.seed, copy=False)
     del params
-    summary = loop.run(cfg, task, layout, state, step_fn, schedule, total_steps, out, device, dtype, trainable)
+    summary = loop.run(cfg, task, layout, state, step_fn, schedule, total_steps, out, device, dtype, trainable,
+                       decided_by)
     full_params = layout.full_params_for_save(summary.pop("state").params)  # every rank takes part
     if not layout.is_main:
         return summary

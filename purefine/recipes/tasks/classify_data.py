@@ -55,13 +55,11 @@ def source_of(cfg: TrainConfig) -> str:
 
 
 def tokenizer_source(cfg: TrainConfig) -> Path:
-    """--tokenizer, else the checkpoint's tokenizer files, else the bundled WordPiece tokenizer for
-    the bundled data and the demo SentencePiece tokenizer for any other data."""
-    if cfg.tokenizer is not None:
-        return Path(cfg.tokenizer)
-    if setup.has_tokenizer(cfg.checkpoint_dir):
-        return Path(cfg.checkpoint_dir)
-    return CLASSIFY_DIR if cfg.data.source in BUILTIN_SOURCES else data.DEMO_TOKENIZER
+    """--tokenizer, else the checkpoint's tokenizer files (an error if it has none), else for a
+    random init the bundled WordPiece tokenizer for the bundled data and the demo SentencePiece
+    tokenizer for any other data."""
+    default = CLASSIFY_DIR if cfg.data.source in BUILTIN_SOURCES else data.DEMO_TOKENIZER
+    return setup.tokenizer_path(cfg, default=default)
 
 
 def read_splits(cfg: TrainConfig) -> tuple[datasets.Dataset, datasets.Dataset | None]:
