@@ -1,9 +1,10 @@
 #!/usr/bin/env python
-"""Benchmarks: tokens/s, MFU against a measured matmul peak, and peak memory, printed as JSON.
+"""Benchmarks: purefine side by side with HF PEFT (and torchtune) on the same workloads, as a Markdown
+table with the machine beside it (``purefine bench``; docs/performance.md says what is measured).
 
-    python scripts/bench.py
-    python scripts/bench.py --suite all
-    python scripts/bench.py --cases llama-134m/lora/fp32/remat --steps 3
+    python scripts/bench.py --against hf
+    python scripts/bench.py --against hf --cases llama-tiny/lora/fp32 --steps 1 --warmup 1 --rounds 1
+    python scripts/bench.py --suite all --json bench.json
 """
 
 import sys

@@ -1,33 +1,47 @@
-"""Benchmarks: tokens/s, MFU against a matmul peak measured on the spot, and peak memory.
+"""Benchmarks: purefine's train step side by side with HF PEFT (and torchtune), tokens/s, MFU, peak memory.
 
-Each case runs in a fresh subprocess so its peak resident memory is its own. Printed as JSON:
+    purefine bench --against hf                          # every workload, purefine vs transformers + peft
+    purefine bench --against hf torchtune --json bench.json
+    purefine bench --against hf --cases llama-tiny/lora/fp32 --steps 1 --warmup 1 --rounds 1   # smoke
+    purefine bench                                       # purefine alone on the train cases
+    purefine bench --suite parallel                      # 2 processes under torchrun against 1
+    purefine bench --suite all                           # + data pipeline, generation and parallel
 
-    python scripts/bench.py                       # train steps: tiny and ~134M presets, full and LoRA
-    python scripts/bench.py --suite parallel      # 2 processes under torchrun against 1
-    python scripts/bench.py --suite all           # + data pipeline, generation and parallel
-    python scripts/bench.py --cases llama-134m/lora/fp32/remat
-
-MFU counts the FLOPs a step must do (PaLM's accounting: 6N per token for full fine-tuning, 4N when
-the weights are frozen and only input gradients flow, plus 12·L·T·d for attention) divided by
-``tokens/s × peak``, where peak is the best of repeated square matmuls in the step's dtype.
+Every workload (``bench_workload``) trains on one fixture — a random Llama written once with
+``checkpoint.save_hf`` and its initial adapter with ``save_peft`` — that every side loads, on the same
+seeded batches, with the same recipe. Each measurement is a fresh child process
+(``python -m purefine.recipes.bench_case``), so its peak RSS is its own; the sides alternate within
+each round (purefine, HF, purefine, HF, ...) so drift hits both. ``bench_report`` turns the children's
+records into tokens/s (one definition with training: every position computed, ``loop.batch_tokens``),
+MFU against the matmul peak measured here (``hardware.matmul_peak``), ratios and the Markdown table,
+printed with the machine (``hardware.machine``) beside it; ``--json PATH`` writes the whole report.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import statistics
 import subprocess
 import sys
-import time
-from dataclasses import dataclass
-from typing import Literal
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 
-DEFAULT_CASES = (
+from purefine.errors import ConfigError
+from purefine.recipes.bench_workload import RECIPE, Fixture, Workload, batches, parse
+
+TRAIN_CASES = (
     "llama-tiny/full/fp32", "llama-tiny/lora/fp32",
     "llama-134m/full/fp32", "llama-134m/lora/fp32", "llama-134m/lora/fp32/remat", "llama-134m/lora/bf16",
 )
-SHAPES = {"llama-tiny": (8, 256), "llama-134m": (4, 512)}
+COMPARE_CASES = tuple(f"{preset}/{w}" for preset in ("llama-tiny", "llama-134m")
+                      for w in ("lora/fp32", "lora/bf16", "qlora/fp32", "full/bf16"))
+EXTRAS = {"hf": ("transformers", "peft"), "torchtune": ("torchtune",)}
+ERR_EXTRA = "--against hf needs {} (not installed): pip install 'purefine[bench]'"
 
 
 @dataclass(frozen=True)
@@ -36,117 +50,148 @@ class BenchConfig:
 
     suite: Literal["train", "parallel", "all"] = "train"
     """train: the train-step cases; parallel: 2 processes (torchrun, gloo) against 1; all: train, parallel, data pipeline and generation."""
-    cases: tuple[str, ...] = DEFAULT_CASES
-    """Cases preset/mode/dtype[/remat]: mode full or lora, dtype fp32 or bf16."""
+    against: tuple[Literal["hf", "torchtune"], ...] = ()
+    """Peers to run the same workloads through: hf (transformers + peft, the bench extra), torchtune (when installed)."""
+    cases: tuple[str, ...] = ()
+    """Cases preset/mode/dtype[/remat]: mode full, lora or qlora (NF4 base), dtype fp32 or bf16. Default: LoRA fp32
+    and bf16, QLoRA and full bf16 at llama-tiny and llama-134m with --against, else the train cases."""
     steps: int = 5
-    """Timed steps per case (after 2 warm-up steps)."""
+    """Timed steps per run (after the warm-up steps)."""
+    warmup: int = 2
+    """Untimed steps first in each run."""
+    rounds: int = 2
+    """Runs per side and case, alternating between the sides; tokens/s is the median over rounds."""
     threads: int = 0
-    """torch threads (0: torch's default)."""
+    """torch threads in every run (0: torch's default)."""
+    json: str | None = None
+    """Write the whole report (machine, settings, every run) to this JSON file."""
+    heap_limit: bool = True
+    """purefine's runs use the train recipe's allocator policy (logging.limit_heap_fragmentation); peers run
+    with glibc's defaults, as their users do. --no-heap-limit measures purefine without it."""
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
-    """Best FLOP/s of an n x n x n matmul in ``dtype`` on this machine, right now."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    torch.mm(a, b)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
-
-
-def flops_per_token(cfg: object, seq_len: int, frozen: bool) -> float:
-    """Training FLOPs per token: (6 or 4)·N_matmul + 12·L·T·d (attention scores and values)."""
+def check(cfg: BenchConfig) -> tuple[list[Workload], list[str], list[str]]:
+    """(workloads, sides, notes): the flags validated, a missing bench extra as one ConfigError, a peer
+    that is not installed left out with a note."""
+    for flag, value, least in (("--steps", cfg.steps, 1), ("--warmup", cfg.warmup, 0), ("--rounds", cfg.rounds, 1)):
+        if value < least:
+            raise ConfigError(f"{flag}: expected an integer >= {least}, found {value}")
     import purefine as pf
 
-    shapes = pf.models.param_shapes(cfg)
-    n_matmul = sum(torch.Size(s).numel() for name, s in shapes.items() if len(s) == 2 and "embed_tokens" not in name)
-    if cfg.tie_word_embeddings:
-        n_matmul += cfg.vocab_size * cfg.hidden_size
-    attn = 12 * cfg.num_hidden_layers * seq_len * cfg.num_attention_heads * cfg.head_dim
-    return (4 if frozen else 6) * n_matmul + attn
-
-
-def run_case(case: str, steps: int) -> dict:
-    """Time ``steps`` train steps of one case; returns tokens/s, MFU, peak memory."""
-    import purefine as pf
-    from purefine.logging import limit_heap_fragmentation, peak_memory_bytes
-
-    limit_heap_fragmentation()
-    preset, mode, dtype_name, *flags = case.split("/")
-    dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
-    cfg = pf.models.preset(preset)
-    batch_size, seq_len = SHAPES.get(preset, (4, 512))
-    rss_start = _rss()
-    lora = mode == "lora"
-    params = pf.models.init(cfg, seed=0, dtype=dtype if lora else torch.float32)
-    weights = pf.tree.nbytes(params)
-    trainable = pf.train.all_floating
-    if lora:
-        params = pf.lora.apply(params, rank=8, alpha=16, where=["q_proj", "v_proj"], seed=0)
-        trainable = pf.lora.trainable
-    opt = pf.optim.adamw(1e-4)
-    step = pf.train.make_step(pf.models.loss_fn(cfg, remat="remat" in flags), opt, trainable=trainable,
-                              compute_dtype=dtype if dtype != torch.float32 else None)
-    state = pf.train.init(params, opt, trainable=trainable, copy=False)
-    del params
-    g = torch.Generator().manual_seed(0)
-    batch = {"tokens": torch.randint(0, cfg.vocab_size, (batch_size, seq_len), generator=g)}
-    batch["labels"] = torch.roll(batch["tokens"], -1, 1)
-    rss_ready = _rss()
-    for _ in range(2):
-        state, _ = step(state, batch)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        state, metrics = step(state, batch)
-    seconds = (time.perf_counter() - t0) / steps
-    tokens_per_s = batch_size * seq_len / seconds
-    achieved = flops_per_token(cfg, seq_len, frozen=lora) * tokens_per_s
-    peak = matmul_peak(dtype)
-    peak_mem = peak_memory_bytes()
-    return {"case": case, "params": cfg.num_params, "batch": [batch_size, seq_len], "threads": torch.get_num_threads(),
-            "seconds_per_step": round(seconds, 4), "tokens_per_s": round(tokens_per_s, 1),
-            "achieved_tflops": round(achieved / 1e12, 4), "peak_tflops": round(peak / 1e12, 4),
-            "mfu": round(achieved / peak, 4), "weights_bytes": weights, "peak_rss_bytes": peak_mem,
-            "step_peak_over_weights": round((peak_mem - rss_start) / weights, 3),
-            "step_growth_after_setup_bytes": peak_mem - rss_ready, "loss": round(metrics["loss"], 4)}
-
-
-def _rss() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def main(cfg: BenchConfig) -> dict:
-    """Run every case in its own subprocess and print one JSON document."""
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    results: dict = {"machine": {"threads": torch.get_num_threads(), "torch": torch.__version__}, "train": []}
-    if cfg.suite == "parallel":
-        from purefine.shard.bench import BenchArgs, compare
-
-        results["parallel"] = compare(BenchArgs(nproc=2))
-        print(json.dumps(results, indent=2))
-        return results
-    for case in cfg.cases:
-        cmd = [sys.executable, "-m", "purefine.recipes.bench_case", case, str(cfg.steps), str(cfg.threads)]
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        if out.returncode != 0:
-            results["train"].append({"case": case, "error": out.stderr.strip().splitlines()[-1:]})
+    workloads = [parse(c) for c in (cfg.cases or (COMPARE_CASES if cfg.against else TRAIN_CASES))]
+    for w in workloads:
+        try:
+            pf.models.preset(w.preset)  # an unknown preset fails here, before any run
+        except ConfigError as e:
+            raise ConfigError(f"--cases {w.case!r}: {e}") from None
+    sides, notes = ["purefine"], []
+    for peer in dict.fromkeys(cfg.against):
+        missing = [m for m in EXTRAS[peer] if importlib.util.find_spec(m) is None]
+        if missing and peer == "hf":
+            raise ConfigError(ERR_EXTRA.format(" and ".join(missing)))
+        if missing:
+            notes.append("torchtune is not installed (pip install torchtune): its runs are skipped")
             continue
-        results["train"].append(json.loads(out.stdout.strip().splitlines()[-1]))
+        sides.append(peer)
+    return workloads, sides, notes
+
+
+def write_fixture(root: Path, w: Workload) -> Fixture:
+    """The checkpoint ``w`` trains from, written under ``root`` once per preset: random weights (seed 0) as an
+    HF directory (for QLoRA, the weights NF4 holds: quantized and dequantized, so every side starts from
+    the same values) and the initial LoRA adapter of RECIPE as a PEFT directory."""
+    import purefine as pf
+
+    base = root / (w.preset + ("-nf4" if w.mode == "qlora" else ""))
+    adapter = root / f"{w.preset}-adapter"
+    if base.exists() and adapter.exists():
+        return Fixture(base, adapter)
+    cfg = pf.models.preset(w.preset)
+    params = pf.models.init(cfg, seed=0)
+    if not adapter.exists():
+        with_lora = pf.lora.apply(params, rank=RECIPE["lora_rank"], alpha=RECIPE["lora_alpha"],
+                                  where=list(RECIPE["lora_targets"]), seed=0)
+        pf.checkpoint.save_peft(adapter, cfg, with_lora)
+    if not base.exists():
+        if w.mode == "qlora":
+            params = pf.nf4.quantize(params, where=pf.models.quantize_pattern(cfg))
+        pf.checkpoint.save_hf(base, cfg, params)  # NF4 leaves are written dequantized
+    return Fixture(base, adapter)
+
+
+def measure(side: str, w: Workload, fixture: Fixture, cfg: BenchConfig) -> dict[str, Any]:
+    """One run of ``w`` through ``side`` in a fresh process: its record, or {"error": last stderr line}."""
+    spec = {"side": side, "case": w.case, **fixture.to_dict(), "steps": cfg.steps, "warmup": cfg.warmup,
+            "threads": cfg.threads, "heap_limit": cfg.heap_limit}
+    out = subprocess.run([sys.executable, "-m", "purefine.recipes.bench_case", json.dumps(spec)],
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        lines = out.stderr.strip().splitlines()
+        return {"error": lines[-1] if lines else f"exit status {out.returncode}"}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run_case(w: Workload, sides: list[str], fixture: Fixture, cfg: BenchConfig, peak_gflops: dict) -> dict[str, Any]:
+    """Every side's runs of ``w`` (alternating, ``cfg.rounds`` each) summarized and compared."""
+    import purefine as pf
+    from purefine.recipes import bench_report as report
+    from purefine.recipes.loop import batch_tokens, trained_tokens
+
+    model_cfg = pf.models.preset(w.preset)
+    batch = batches(w, model_cfg.vocab_size, 1)[0]
+    runs: dict[str, list[dict]] = {side: [] for side in sides}
+    for r in range(cfg.rounds):
+        for side in sides:
+            runs[side].append(measure(side, w, fixture, cfg))
+            last = runs[side][-1]
+            what = f"{batch_tokens(batch) / statistics.median(last['step_seconds']):,.0f} tok/s" \
+                if "step_seconds" in last else (last.get("unavailable") or last.get("error"))
+            print(f"bench: {w.case} {side} round {r + 1}/{cfg.rounds}: {what}", file=sys.stderr, flush=True)
+    flops = report.flops_per_token(model_cfg, w.seq_len, frozen=w.adapters)
+    peak = peak_gflops[w.dtype_name] * 1e9
+    sides_out = {side: report.side_summary(rs, tokens=batch_tokens(batch), trained=trained_tokens(batch), flops=flops,
+                                           peak=peak) for side, rs in runs.items()}
+    return {"case": w.case, "params": model_cfg.num_params, "batch": [w.batch_size, w.seq_len],
+            "flops_per_token": flops, "sides": sides_out, "compare": report.compare(sides_out)}
+
+
+def suites(cfg: BenchConfig) -> dict[str, Any]:
+    """The parallel, data pipeline and generation results the suite asks for."""
+    out: dict[str, Any] = {}
     if cfg.suite == "all":
         from purefine.data.bench import bench_pipeline
         from purefine.generate import bench_generate
 
-        results["data"] = bench_pipeline()
-        results["generate"] = [bench_generate("llama-tiny"), bench_generate("llama-134m")]
+        out["data"] = bench_pipeline()
+        out["generate"] = [bench_generate("llama-tiny"), bench_generate("llama-134m")]
+    if cfg.suite in ("parallel", "all"):
         from purefine.shard.bench import BenchArgs, compare
 
-        results["parallel"] = compare(BenchArgs(nproc=2))
-    print(json.dumps(results, indent=2))
-    return results
+        out["parallel"] = compare(BenchArgs(nproc=2))
+    return out
+
+
+def main(cfg: BenchConfig) -> dict:
+    """Run the benchmark, print the table (and the suites' JSON), write ``--json``; returns the report."""
+    from purefine import fsutil, hardware
+    from purefine.recipes.bench_report import markdown
+
+    workloads, sides, notes = check(cfg)
+    machine = hardware.machine(cfg.threads)
+    report: dict[str, Any] = {"machine": machine, "sides": sides, "settings": asdict(cfg) | {"recipe": RECIPE},
+                              "notes": notes, "cases": []}
+    if cfg.suite != "parallel":
+        with tempfile.TemporaryDirectory(prefix="purefine-bench-") as tmp:
+            for w in workloads:
+                fixture = write_fixture(Path(tmp), w)
+                report["cases"].append(run_case(w, sides, fixture, cfg, machine["peak_gflops"]))
+        print(markdown(report), flush=True)
+    else:
+        print(f"Machine: {hardware.describe(machine)}")
+    extra = suites(cfg)
+    if extra:
+        report |= extra
+        print(json.dumps(extra, indent=2), flush=True)
+    if cfg.json:
+        fsutil.atomic_write(cfg.json, json.dumps(report, indent=2, default=str))
+    return report

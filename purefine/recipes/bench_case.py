@@ -1,14 +1,79 @@
-"""One benchmark case in a fresh process: ``python -m purefine.recipes.bench_case CASE STEPS THREADS``."""
+"""One measurement in a fresh process, so its peak resident memory is its own:
+
+    python -m purefine.recipes.bench_case '{"side": "purefine", "case": "llama-tiny/lora/fp32", "base": DIR,
+        "adapter": DIR, "steps": 5, "warmup": 2, "threads": 2, "heap_limit": true}'
+
+``side`` is ``purefine``, ``hf`` (transformers + peft, ``bench_hf``) or ``torchtune`` (``bench_torchtune``).
+Prints one JSON line: ``bench_workload.child_result``'s record, or ``{"unavailable": why}`` when the
+side cannot run here. ``run_purefine`` is purefine's side: the fixture loaded with
+``checkpoint.load_hf`` (NF4 for QLoRA) and ``load_peft``, the step from ``train.make_step``.
+"""
+
+from __future__ import annotations
 
 import json
 import sys
+from typing import Any
 
 import torch
 
-from purefine.recipes.bench import run_case
+from purefine.recipes.bench_workload import RECIPE, Fixture, Unavailable, Workload, batches, child_result, parse, \
+    resident_bytes, run_steps
+
+
+def run_purefine(w: Workload, fixture: Fixture, steps: int, warmup: int, heap_limit: bool = True) -> dict[str, Any]:
+    """Train ``warmup + steps`` steps of ``w`` through purefine; returns the child record."""
+    import purefine as pf
+    from purefine.logging import limit_heap_fragmentation
+
+    if heap_limit:
+        limit_heap_fragmentation()  # the train recipe's allocator policy
+    cfg = pf.checkpoint.read_config(fixture.base)[0]
+    quantize = pf.models.quantize_pattern(cfg) if w.mode == "qlora" else None
+    cfg, params = pf.checkpoint.load_hf(fixture.base, dtype=w.frozen_dtype, quantize=quantize)
+    trainable = pf.train.all_floating
+    if w.adapters:
+        params = pf.checkpoint.load_peft(fixture.adapter, params)
+        trainable = pf.lora.trainable
+    weights = pf.tree.nbytes(params)
+    opt = pf.optim.adamw(RECIPE["lr"], weight_decay=RECIPE["weight_decay"])
+    step = pf.train.make_step(pf.models.loss_fn(cfg, remat=w.remat), opt, trainable=trainable,
+                              compute_dtype=w.dtype if w.dtype != torch.float32 else None)
+    state = pf.train.init(params, opt, trainable=trainable, copy=False)
+    del params
+    data = batches(w, cfg.vocab_size, warmup + steps)
+    setup_rss = resident_bytes()
+
+    def one(batch: dict[str, torch.Tensor]) -> float:
+        nonlocal state
+        state, metrics = step(state, batch)
+        return metrics["loss"]
+
+    losses, seconds = run_steps(one, data, warmup)
+    return child_result(f"purefine {pf.__version__}", losses, seconds, weights_bytes=weights, setup_rss_bytes=setup_rss)
+
+
+def run(spec: dict[str, Any]) -> dict[str, Any]:
+    """The measurement ``spec`` asks for (see the module doc), or {"unavailable": why}."""
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))
+    w, fixture = parse(spec["case"]), Fixture.from_dict(spec)
+    steps, warmup = int(spec["steps"]), int(spec["warmup"])
+    try:
+        if spec["side"] == "purefine":
+            return run_purefine(w, fixture, steps, warmup, bool(spec.get("heap_limit", True)))
+        if spec["side"] == "hf":
+            from purefine.recipes.bench_hf import run_hf
+
+            return run_hf(w, fixture, steps, warmup)
+        if spec["side"] == "torchtune":
+            from purefine.recipes.bench_torchtune import run_torchtune
+
+            return run_torchtune(w, fixture, steps, warmup)
+    except Unavailable as e:
+        return {"unavailable": str(e)}
+    raise ValueError(f"bench_case: unknown side {spec['side']!r} (expected purefine, hf or torchtune)")
+
 
 if __name__ == "__main__":
-    case, steps, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-    if threads:
-        torch.set_num_threads(threads)
-    print(json.dumps(run_case(case, steps)))
+    print(json.dumps(run(json.loads(sys.argv[1]))), flush=True)
