@@ -281,10 +281,10 @@ def test_a_template_that_fails_to_render_names_the_row(tmp_path):
     rows = [{"messages": CONVERSATIONS["one turn"]}, {"messages": CONVERSATIONS["system, three turns"]}]
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     tok = load_tokenizer(tmp_path / "tok")
-    with pytest.raises(DataError, match=r"row 1: the chat template \(.*\) failed to render it: .*System role not supported"):
+    with pytest.raises(DataError, match=r"row 2: the chat template \(.*\) failed to render it: .*System role not supported"):
         tokenize_row(rows[1], 1, fmt="chat", template="auto", tokenizer=tok)
     cfg = DataConfig(source=str(tmp_path / "rows.jsonl"), cache_dir=str(tmp_path / "cache"))
-    with pytest.raises(DataError, match=r"rows.jsonl: row 1: .*System role not supported") as e:
+    with pytest.raises(DataError, match=r"rows.jsonl: row 2: .*System role not supported") as e:
         build(cfg, tok)
     assert "\n" not in str(e.value)
 
@@ -300,9 +300,9 @@ def test_tool_messages_reach_the_template_and_hand_written_templates_refuse_them
     tok = load_tokenizer(DEMO_TOKENIZER)
     chatml = tokenize_row(row, 3, fmt="chat", template="chatml", tokenizer=tok)
     assert tok.decode([t for t in chatml.labels if t != IGNORE_INDEX]).endswith("It is 21 degrees in Paris.")
-    with pytest.raises(DataError, match="row 3: message 2 has role 'tool', which the alpaca template cannot show"):
+    with pytest.raises(DataError, match="row 4: message 2 has role 'tool', which the alpaca template cannot show"):
         tokenize_row(row, 3, fmt="chat", template="alpaca", tokenizer=tok)
-    with pytest.raises(DataError, match="row 3, field 'messages': message 1 has role 'tool'"):
+    with pytest.raises(DataError, match="row 4, field 'messages': message 1 has role 'tool'"):
         tokenize_row({"messages": [{"role": "user", "content": "a"}, {"role": "tool", "content": "b"}]}, 3, fmt="chat",
                      template="chatml", tokenizer=tok)
 
@@ -323,5 +323,5 @@ def test_a_template_that_fails_to_render_is_one_line_and_exit_2_through_the_cli(
                          capture_output=True, text=True)
     assert out.returncode == 2, out.stderr[-800:]
     errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "rows.jsonl: row 1: the chat template" in errors[0]
+    assert len(errors) == 1 and "rows.jsonl: row 2: the chat template" in errors[0]
     assert "System role not supported" in errors[0]

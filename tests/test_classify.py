@@ -140,9 +140,9 @@ def test_labels_from_ids_names_and_class_label_columns():
 
     assert classify.label_ids([0, 2, "1"], None, 3, "x") == [0, 2, 1]
     assert classify.label_ids(["b", "a"], ("a", "b"), 2, "x") == [1, 0]
-    with pytest.raises(DataError, match=r"x: row 1: label 'c': expected one of \['a', 'b'\]"):
+    with pytest.raises(DataError, match=r"x: row 2: label 'c': expected one of \['a', 'b'\]"):
         classify.label_ids(["a", "c"], ("a", "b"), 2, "x")
-    with pytest.raises(DataError, match=r"row 0: label 5: expected a class id in \[0, 3\)"):
+    with pytest.raises(DataError, match=r"row 1: label 5: expected a class id in \[0, 3\)"):
         classify.label_ids([5], None, 3, "x")
     rows = datasets.Dataset.from_dict({"text": ["a", "b"], "label": [1, 0]},
                                       features=datasets.Features({"text": datasets.Value("string"),
@@ -159,7 +159,7 @@ def test_bad_models_columns_and_labels_are_errors_naming_the_flag(tmp_path):
         (dict(peft="qlora"), ConfigError, "--peft qlora"),
         (dict(num_labels=1), ConfigError, "--num-labels"),
         (dict(data=dataclasses.replace(data, label_column="topic")), DataError, "no column 'topic' (--data.label-column)"),
-        (dict(data=data), DataError, "row 1: column 'text': expected non-empty text"),
+        (dict(data=data), DataError, "row 2: column 'text': expected non-empty text"),
         (dict(peft="lora", lora=LoraConfig(targets=("classifier",))), ConfigError, "selects only the classifier head"),
     ]
     for i, (overrides, error, message) in enumerate(cases):

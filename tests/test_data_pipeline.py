@@ -95,12 +95,12 @@ def test_demo_is_the_default(cfg):
 
 
 @pytest.mark.parametrize("rows, match", [
-    ([ROWS[0], {"instruction": "x", "input": ""}], r"rows.jsonl: row 1, field 'output': missing"),
-    ([ROWS[0], {"instruction": "x", "input": "", "output": 5}], r"row 1, field 'output': expected a string, found int"),
+    ([ROWS[0], {"instruction": "x", "input": ""}], r"rows.jsonl: row 2, field 'output': missing"),
+    ([ROWS[0], {"instruction": "x", "input": "", "output": 5}], r"row 2, field 'output': expected a string, found int"),
     ([{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}, {"messages": []}],
-     r"row 1, field 'messages': empty conversation"),
+     r"row 2, field 'messages': empty conversation"),
     ([{"messages": [{"role": "user", "content": "a"}, {"role": "robot", "content": "b"}]}],
-     r"row 0, field 'messages\[1\]\.role': unknown role 'robot'"),
+     r"row 1, field 'messages\[1\]\.role': unknown role 'robot'"),
 ])
 def test_bad_rows_in_files_name_the_file_row_and_field(tmp_path, cfg, rows, match):
     with pytest.raises(DataError, match=match):
@@ -128,12 +128,12 @@ def test_hub_name_while_offline_says_what_to_do(cfg, monkeypatch):
 def test_skip_bad_rows_counts_and_reports(tmp_path, cfg, caplog):
     rows = [ROWS[0], {"instruction": "x", "input": ""}, ROWS[1], {"instruction": "", "input": "", "output": "y"}, ROWS[2]]
     path = write_jsonl(tmp_path / "rows.jsonl", rows)
-    with pytest.raises(DataError, match=r"row 1, field 'output'.*\(2 bad rows in all; --data.skip-bad-rows"):
+    with pytest.raises(DataError, match=r"row 2, field 'output'.*\(2 bad rows in all; --data.skip-bad-rows"):
         build(replace(cfg, source=str(path)), TOK)
     with caplog.at_level(logging.WARNING, logger="purefine.data"):
         ds = build(replace(cfg, source=str(path), skip_bad_rows=True), TOK)
     assert len(ds) == 3 and ds.stats["skipped_bad_rows"] == 2 and ds.stats["rows"] == 5
-    assert "row 1, field 'output'" in ds.stats["skipped_examples"][0] and "row 3" in ds.stats["skipped_examples"][1]
+    assert "row 2, field 'output'" in ds.stats["skipped_examples"][0] and "row 4" in ds.stats["skipped_examples"][1]
     assert "skipped 2 bad row(s) of 5" in caplog.text
     assert [s.tokens for s in all_samples(ds)] == [s.tokens for s in all_samples(build(replace(
         cfg, source=str(write_jsonl(tmp_path / "good.jsonl", [ROWS[0], ROWS[1], ROWS[2]]))), TOK))]

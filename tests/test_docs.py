@@ -146,30 +146,35 @@ def test_there_are_seven_tutorials_indexed_from_the_readme() -> None:
 def parsers() -> dict:
     """script name -> a function that parses its argument list (raising on a bad flag)."""
     from purefine.config import parse_train_args
-    from purefine.recipes import bench, check, configs, evaluate, export, generate, hub, inspect
+    from purefine.recipes import bench, check, configs, data_preview, evaluate, export, generate, hub, inspect
     from purefine.recipes.cli import parse
 
     types = {"generate": generate.GenerateConfig, "eval": evaluate.EvalConfig, "export": export.ExportConfig,
              "download": hub.DownloadConfig, "upload": hub.UploadConfig, "info": inspect.InspectConfig,
-             "bench": bench.BenchConfig, "check": check.CheckConfig, "configs": configs.Command}
+             "bench": bench.BenchConfig, "check": check.CheckConfig, "configs": configs.Command,
+             "data": data_preview.DataPreviewConfig}
     out = {name: (lambda args, t=t: parse(t, args)) for name, t in types.items()}
     out["train"] = parse_train_args
     return out
 
 
 def documented_commands() -> list[tuple[str, str, list[str]]]:
-    """(file, script name, arguments) of every ``scripts/NAME.py`` command in the docs' shell blocks."""
+    """(file, script name, arguments) of every ``scripts/NAME.py`` or ``purefine NAME`` command in the
+    docs' shell blocks (``purefine ls | cp | validate`` are the configs script's subcommands)."""
     found = []
     for path in [ROOT / "README.md", *sorted(DOCS.rglob("*.md"))]:
         for lang, code, _ in blocks(path):
             if lang not in ("bash", "sh"):
                 continue
             for line in code.replace("\\\n", " ").splitlines():
-                for command in re.split(r"&&|;|\|", line.split(" #")[0]):
+                for command in re.split(r"&&|;|\||>", line.split(" #")[0]):
                     words = shlex.split(command)
                     at = next((i for i, w in enumerate(words) if re.fullmatch(r"scripts/\w+\.py", w)), None)
                     if at is not None and "make_" not in words[at]:
                         found.append((path.name, words[at][len("scripts/"):-3], words[at + 1:]))
+                    elif len(words) > 1 and words[0] == "purefine" and not words[1].startswith("-"):
+                        script = "configs" if words[1] in ("ls", "cp", "validate") else words[1]
+                        found.append((path.name, script, words[1:] if script == "configs" else words[2:]))
     return found
 
 

@@ -319,10 +319,10 @@ def test_the_reference_shares_the_base_weights() -> None:
 
 
 @pytest.mark.parametrize("row, message", [
-    ({"prompt": "Add 1 and 2.", "chosen": "3"}, r"row 1, field 'rejected': missing"),
-    ({"prompt": "Add 1 and 2.", "chosen": "  ", "rejected": "1 2"}, r"row 1, field 'chosen': empty completion"),
+    ({"prompt": "Add 1 and 2.", "chosen": "3"}, r"row 2, field 'rejected': missing"),
+    ({"prompt": "Add 1 and 2.", "chosen": "  ", "rejected": "1 2"}, r"row 2, field 'chosen': empty completion"),
     ({"prompt": "Hi", "chosen": [{"role": "assistant", "content": ""}], "rejected": "x"},
-     r"row 1, field 'chosen': empty completion"),
+     r"row 2, field 'chosen': empty completion"),
 ])
 def test_bad_rows_are_named_and_exit_2(tmp_path: Path, capsys, row: dict, message: str) -> None:
     from purefine.cli import main as cli

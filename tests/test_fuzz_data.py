@@ -179,7 +179,7 @@ def config(path: Path, fmt: str, *, auto: bool, skip: bool) -> DataConfig:
 def check_bad_rows(path: Path, fmt: str, n: int, bad: list[int], auto: bool) -> None:
     """Without skipping, the first bad row is named; with skipping, exactly the bad rows go."""
     error = refuses("data.rows", lambda: build(config(path, fmt, auto=auto, skip=False), TOK), path.name)
-    assert f"row {bad[0]}," in str(error) and path.name in str(error), (bad, str(error))
+    assert f"row {bad[0] + 1}," in str(error) and path.name in str(error), (bad, str(error))
     COUNTS["data.rows", "refused"] += len(bad) - 1  # every bad row of the file was a malformed case
     skipping = config(path, fmt, auto=auto, skip=True)
     if len(bad) == n:
@@ -192,7 +192,7 @@ def check_bad_rows(path: Path, fmt: str, n: int, bad: list[int], auto: bool) -> 
         pytest.fail(f"skip_bad_rows failed on a file with good rows: {type(e).__name__}: {e}")
     COUNTS["data.rows-skip", "built, bad rows skipped and counted"] += 1
     assert (stats["skipped_bad_rows"], stats["samples"] + stats["dropped_unlabelled"]) == (len(bad), n - len(bad)), stats
-    assert all(f"row {i}," in e for i, e in zip(bad, stats["skipped_examples"])), stats["skipped_examples"]
+    assert all(f"row {i + 1}," in e for i, e in zip(bad, stats["skipped_examples"])), stats["skipped_examples"]
 
 
 @fuzz_settings(150)

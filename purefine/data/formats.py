@@ -60,7 +60,7 @@ class Sample:
 
 def row_error(index: int, field: str, problem: str) -> DataError:
     """The error for a bad row: names the row index and the field."""
-    return DataError(f"row {index}, field {field!r}: {problem}")
+    return DataError(f"row {index + 1}, field {field!r}: {problem}")  # rows count from 1, as a file's lines
 
 
 def _string(row: Mapping[str, Any], index: int, column: str, *, optional: bool = False) -> str:
@@ -282,7 +282,7 @@ def tokenize_row(row: Mapping[str, Any], index: int, *, fmt: str, template: AnyT
             return _preference_samples(*messages, template, tokenizer, kw)
         return tokenize_messages(messages, template, tokenizer, **kw)
     except DataError as e:
-        raise DataError(f"row {index}: {e}") from None
+        raise DataError(f"row {index + 1}: {e}") from None
 
 
 def _preference_samples(chosen: list[Message], rejected: list[Message], template: Template | str, tokenizer: Tokenizer,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +112,77 @@ def trained_tokens(batch: Any) -> int:
     return int((labels != -100).sum()) if labels is not None and labels.dim() == 2 else 0
 
 
+@dataclass
+class Run:
+    """What one run's loop holds besides its state: the task, the step, the sinks, the running totals."""
+
+    cfg: TrainConfig
+    task: Task
+    layout: Any
+    step_fn: Any
+    schedule: Any
+    total_steps: int
+    device: torch.device
+    dtype: torch.dtype
+    logger: Any
+    hooks: Any
+    checkpoints: Any
+    eval_loss: Any
+    out: Path
+    losses: list[float] = field(default_factory=list)
+    totals: dict[str, float] = field(default_factory=lambda: {"tokens": 0, "trained": 0, "seconds": 0.0})
+
+    def evaluate(self, params: Any) -> dict[str, float] | None:
+        return evaluate(self.task, self.eval_loss, params, self.cfg, self.device, self.dtype, self.layout)
+
+    def step(self, state: train.TrainState, stream: Any) -> train.TrainState:
+        """One optimizer step over --grad-accum micro-batches: logged, evaluated and saved as asked."""
+        cfg, micro, sampler = self.cfg, [], None
+        for _ in range(cfg.grad_accum):
+            batch, sampler = next(stream)
+            micro.append(to_device(batch, self.device))
+        t0, lr = time.perf_counter(), self.schedule(state.step)
+        state, metrics = self.hooks.step(self.step_fn, state, micro)
+        resume.check_finite(metrics, state.step, self.out)
+        seconds = time.perf_counter() - t0
+        state = state.replace(data_position=sampler.to_dict())
+        tokens, trained = sum(map(batch_tokens, micro)), sum(map(trained_tokens, micro))
+        self.totals = {"tokens": self.totals["tokens"] + tokens, "trained": self.totals["trained"] + trained,
+                       "seconds": self.totals["seconds"] + seconds}
+        metrics |= {"lr": lr, "tokens": tokens, "tokens_per_s": tokens / seconds, "trained_tokens_per_s": trained / seconds,
+                    "seconds": seconds, "peak_memory": peak_memory_bytes(self.device)}
+        if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < self.total_steps:
+            metrics |= {f"eval_{k}": v for k, v in (self.evaluate(state.params) or {}).items()}
+        self.losses.append(metrics["loss"])
+        self.logger.log(state.step, {k: v for k, v in metrics.items() if k != "nonfinite_grads"})
+        self.hooks.after_step(state, micro)
+        return state
+
+    def summary(self, state: train.TrainState, start: dict | None, end: dict | None, resumed: Path | None,
+                n_trainable: int) -> dict:
+        """summary.json's dict (the final state under ``state``)."""
+        losses, k, seconds = self.losses, max(1, min(5, len(self.losses))), max(self.totals["seconds"], 1e-9)
+        out = {"task": self.task.name, "steps": state.step, "losses": losses,
+               "first_loss": sum(losses[:k]) / k if losses else None, "last_loss": sum(losses[-k:]) / k if losses else None,
+               "peak_memory": peak_memory_bytes(self.device), "trainable_params": n_trainable,
+               "resumed_from": str(resumed) if resumed else None, "train_seconds": self.totals["seconds"],
+               "tokens_per_s": self.totals["tokens"] / seconds, "trained_tokens_per_s": self.totals["trained"] / seconds,
+               **self.task.facts}
+        for when, result in (("start", start), ("end", end)):
+            keys = set(result or {}) | set(end or {}) | {"loss"}
+            out |= {f"eval_{k}_{when}": (result or {}).get(k) for k in sorted(keys)}
+        return out | {"state": state}
+
+
+def header(cfg: TrainConfig, task: Task, n_trainable: int, total_steps: int, decided_by: str, dtype: torch.dtype,
+           device: torch.device, resumed: Path | None, step: int) -> str:
+    """The run's first line: model, method, trainable parameters, data, length and why, dtype, device."""
+    what = f" ({task.header})" if task.header else ""
+    return (f"model {task.model_cfg.model_type}{what} | {cfg.peft} | trainable {n_trainable:,} params | "
+            f"{data.describe(task.train_set)} | {total_steps} steps ({decided_by}) | {dtype} on {device}"
+            f" | remat {'on' if cfg.remat else 'off'}" + (f" | resumed from {resumed} at step {step}" if resumed else ""))
+
+
 def run(cfg: TrainConfig, task: Task, layout: Any, state: train.TrainState, step_fn: Any, schedule: Any,
         total_steps: int, out: Path, device: torch.device, dtype: torch.dtype, trainable: Any,
         decided_by: str = "--max-steps") -> dict:
@@ -118,80 +190,44 @@ def run(cfg: TrainConfig, task: Task, layout: Any, state: train.TrainState, step
 
     Throughput: ``tokens_per_s`` counts every position the model computes on (B x T of each
     micro-batch, padding included), ``trained_tokens_per_s`` those that carry a label; the
-    benchmark (``scripts/bench.py``) counts the same way."""
+    benchmark (``scripts/bench.py``) counts the same way. Ctrl-C at any point after the first step
+    saves a checkpoint with ``--save-on-interrupt`` and exits (the loss curve is not drawn)."""
     state, resumed = resume.maybe_resume(cfg, out, state, trainable, layout)
-    checkpoints = resume.Checkpoints(cfg, out, trainable, layout)
     sampler = data.SamplerState.from_dict(state.data_position) if resumed else data.SamplerState(seed=cfg.seed)
     stream = task.stream(task.train_set, sampler, shuffle=cfg.data.shuffle, loop=True, rank=layout.dp_rank,
                          world_size=layout.dp_size)
-    eval_loss = layout.loss_fn(task.model_cfg, loss=task.loss)
     stop = min(total_steps, state.step + cfg.stop_after) if cfg.stop_after else total_steps
     n_trainable = sum(x.numel() for _, x in train.trainable_leaves(state.params, trainable).items())
-    losses: list[float] = []
     logger_cls = MetricsLogger if layout.is_main else _SilentLogger
-    totals = {"tokens": 0, "trained": 0, "seconds": 0.0}
     with logger_cls(out, every=cfg.log_every, total_steps=total_steps, tensorboard=cfg.tensorboard,
                     wandb=cfg.wandb, progress=cfg.progress, plot=cfg.plot, config=to_dict(cfg),
                     resume_step=state.step if resumed else None) as logger:
-        what = f" ({task.header})" if task.header else ""
-        logger.write(f"model {task.model_cfg.model_type}{what} | {cfg.peft} | trainable {n_trainable:,} params | "
-                     f"{data.describe(task.train_set)} | {total_steps} steps ({decided_by}) | {dtype} on {device}"
-                     f" | remat {'on' if cfg.remat else 'off'}"
-                     + (f" | resumed from {resumed} at step {state.step}" if resumed else ""))
+        logger.write(header(cfg, task, n_trainable, total_steps, decided_by, dtype, device, resumed, state.step))
         hooks = debug.TrainHooks(cfg, out, task.model_cfg, trainable, dtype, device, world_size=layout.world_size,
                                  is_main=layout.is_main, write=logger.write)  # --profile, --debug-stats, --memory-report
-        start = None if resumed else evaluate(task, eval_loss, state.params, cfg, device, dtype, layout)
-        if (line := _eval_line("at start", start)) is not None:
-            logger.write(line)
+        r = Run(cfg, task, layout, step_fn, schedule, total_steps, device, dtype, logger, hooks,
+                resume.Checkpoints(cfg, out, trainable, layout), layout.loss_fn(task.model_cfg, loss=task.loss), out)
         try:
+            start = None if resumed else r.evaluate(state.params)
+            if (line := _eval_line("at start", start)) is not None:
+                logger.write(line)
             while state.step < stop:
-                micro = []
-                for _ in range(cfg.grad_accum):
-                    batch, sampler = next(stream)
-                    micro.append(to_device(batch, device))
-                t0 = time.perf_counter()
-                lr = schedule(state.step)
-                state, metrics = hooks.step(step_fn, state, micro)
-                resume.check_finite(metrics, state.step, out)
-                seconds = time.perf_counter() - t0
-                state = state.replace(data_position=sampler.to_dict())
-                tokens, trained = sum(map(batch_tokens, micro)), sum(map(trained_tokens, micro))
-                totals = {"tokens": totals["tokens"] + tokens, "trained": totals["trained"] + trained,
-                          "seconds": totals["seconds"] + seconds}
-                metrics |= {"lr": lr, "tokens": tokens, "tokens_per_s": tokens / seconds,
-                            "trained_tokens_per_s": trained / seconds, "seconds": seconds,
-                            "peak_memory": peak_memory_bytes(device)}
-                if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < total_steps:
-                    now = evaluate(task, eval_loss, state.params, cfg, device, dtype, layout) or {}
-                    metrics |= {f"eval_{k}": v for k, v in now.items()}
-                losses.append(metrics["loss"])
-                logger.log(state.step, {k: v for k, v in metrics.items() if k != "nonfinite_grads"})
-                hooks.after_step(state, micro)
+                state = r.step(state, stream)
                 if cfg.save_every and (state.step % cfg.save_every == 0 or state.step == stop):
-                    checkpoints.save(state)
+                    r.checkpoints.save(state)
+            hooks.close()
+            r.checkpoints.wait()  # a background save (--async-save) is committed before the run ends
+            end = r.evaluate(state.params)
         except KeyboardInterrupt:
-            if cfg.save_on_interrupt:
-                path = checkpoints.save(state, wait=True)
+            if cfg.save_on_interrupt and state.step > 0:
+                path = r.checkpoints.save(state, wait=True)
                 logger.write(f"interrupted at step {state.step}: saved {path} (resume with --resume latest)")
             raise
-        hooks.close()
-        checkpoints.wait()  # a background save (--async-save) is committed before the run ends
-        end = evaluate(task, eval_loss, state.params, cfg, device, dtype, layout)
         if end is not None and logger.history:
             logger.history[-1] |= {f"eval_{k}": v for k, v in end.items()}
         if (line := _eval_line("at end", end)) is not None:
             logger.write(line)
-    k = max(1, min(5, len(losses)))
-    summary = {"task": task.name, "steps": state.step, "losses": losses,
-               "first_loss": sum(losses[:k]) / k if losses else None,
-               "last_loss": sum(losses[-k:]) / k if losses else None, "peak_memory": peak_memory_bytes(device),
-               "trainable_params": n_trainable, "resumed_from": str(resumed) if resumed else None,
-               "train_seconds": totals["seconds"], "tokens_per_s": totals["tokens"] / max(totals["seconds"], 1e-9),
-               "trained_tokens_per_s": totals["trained"] / max(totals["seconds"], 1e-9), **task.facts}
-    for when, result in (("start", start), ("end", end)):
-        keys = set(result or {}) | set(end or {}) | {"loss"}
-        summary |= {f"eval_{k}_{when}": (result or {}).get(k) for k in sorted(keys)}
-    return summary | {"state": state}
+    return r.summary(state, start, end, resumed, n_trainable)
 
 
 class _SilentLogger:

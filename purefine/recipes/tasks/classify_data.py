@@ -112,7 +112,7 @@ def label_ids(values: list[Any], names: tuple[str, ...] | None, num_labels: int,
             continue
         if not is_class_id(v) or not 0 <= int(v) < num_labels:
             expected = f"one of {list(names)}" if names else f"a class id in [0, {num_labels})"
-            raise DataError(f"{where}: row {row}: label {v!r}: expected {expected} (--data.label-column, --num-labels)")
+            raise DataError(f"{where}: row {row + 1}: label {v!r}: expected {expected} (--data.label-column, --num-labels)")
         out.append(int(v))
     return out
 
@@ -122,7 +122,7 @@ def encode(rows: datasets.Dataset, tokenizer: Any, cfg: TrainConfig, labels: lis
     tokens = []
     for row, text in enumerate(column(rows, cfg.data.text_column, "--data.text-column", name)):
         if not isinstance(text, str) or not text.strip():
-            raise DataError(f"{name}: row {row}: column {cfg.data.text_column!r}: expected non-empty text, found {text!r}")
+            raise DataError(f"{name}: row {row + 1}: column {cfg.data.text_column!r}: expected non-empty text, found {text!r}")
         ids = tokenizer.encode(text, bos=True, eos=True)
         tokens.append(ids if len(ids) <= cfg.max_seq_len else [*ids[: cfg.max_seq_len - 1], ids[-1]])
     return Encoded(tokens, labels, np.array([len(t) for t in tokens], dtype=np.int64), name)

@@ -91,7 +91,7 @@ def check_completions(rows: datasets.Dataset, d: data.DataConfig, json_columns: 
         return rows
     if not d.skip_bad_rows:
         i = min(blank)
-        raise DataError(f"{name}: row {i}, field {blank[i]!r}: empty completion (expected non-empty text to "
+        raise DataError(f"{name}: row {i + 1}, field {blank[i]!r}: empty completion (expected non-empty text to "
                         f"{'prefer' if blank[i] == d.column_map.get('chosen', 'chosen') else 'reject'})")
     return rows.map(lambda row, i: {blank[i]: None} if i in blank else {}, with_indices=True)
 
