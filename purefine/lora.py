@@ -125,7 +125,11 @@ class LoRA:
         """x (..., in) -> (..., out): x Wᵀ + s·(dropout(x) Aᵀ) Bᵀ + bias (DoRA: see the module doc)."""
         if self.is_dora:
             return self._dora_linear(x, bias)
-        return ops.linear(x, self.base, bias) + self.scale * self._adapter(self._dropout(x))
+        y = ops.linear(x, self.base, bias)
+        z = self._adapter(self._dropout(x))
+        if type(y) is torch.Tensor and y.dtype == z.dtype and not torch.compiler.is_compiling():
+            return y.add_(z, alpha=self.scale)  # y is the base matmul's fresh output, saved by nothing
+        return y + self.scale * z
 
     def weight_norm(self) -> torch.Tensor:
         """‖W + s·BA‖ per output row (out,) in float32, without gradient (DoRA section 4.3)."""

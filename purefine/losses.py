@@ -48,34 +48,64 @@ def _chunk_loss(h: torch.Tensor, w: Any, labels: torch.Tensor, cap: float | None
 
 def _linear_cross_entropy(h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, chunk_size: int, need_h: bool,
                           need_w: bool, cap: float | None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """(summed loss, dL/dh or None, dL/dw (float32) or None), one (chunk x V) logits block at a time."""
+    """(summed loss, dL/dh or None, dL/dw (float32) or None), one (chunk x V) logits block at a time.
+
+    The blocks live in buffers allocated once per call and reused by every chunk (a block of a large
+    vocabulary is tens of MiB: allocated per chunk, each one would be fresh pages from the OS); the
+    gradient matmuls write straight into ``grad_h`` and a reused (V, D) buffer.
+    """
+    n, v = h.shape[0], w.shape[0]
+    rows = min(chunk_size, n)
+    low = h.dtype != torch.float32
     grad_h = torch.zeros_like(h) if need_h else None
     grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
+    logits_buf = torch.empty(rows, v, dtype=h.dtype, device=h.device)                  # matmul out; d in h's dtype
+    logp_buf = torch.empty(rows, v, dtype=torch.float32, device=h.device) if low else logits_buf
+    gw_buf = torch.empty(w.shape, dtype=h.dtype, device=w.device) if need_w and low else None
     total = torch.zeros((), dtype=torch.float32, device=h.device)
-    for start in range(0, h.shape[0], chunk_size):
+    for start in range(0, n, chunk_size):
         hc, lc = h[start : start + chunk_size], labels[start : start + chunk_size]
         valid = lc != IGNORE_INDEX
         if not bool(valid.any()):
             continue
-        logits = F.linear(hc, w).float()
+        logits = torch.mm(hc, w.t(), out=logits_buf[: hc.shape[0]])
         tanh = None
         if cap is not None:
-            tanh = logits.div_(cap).tanh_()
+            tanh = logits.float().div_(cap).tanh_()
             logits = tanh * cap
-        lse = torch.logsumexp(logits, dim=-1)
+        # one fused pass, float32 from any dtype (in place when the logits are float32 already)
+        if tanh is None:
+            logp = logp_buf[: hc.shape[0]]
+            if low:
+                logp.copy_(logits)
+            logp = torch.log_softmax(logp, dim=-1, out=logp)  # row by row, safe in place
+        else:  # the buffer holds tanh, which the gradient needs
+            logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
         target = lc.clamp(min=0)
-        total = total + ((lse - logits.gather(1, target[:, None])[:, 0]) * valid).sum()
+        total = total - (logp.gather(1, target[:, None])[:, 0] * valid).sum()
         if need_h or need_w:
-            d = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+            d = logp.exp_()  # softmax, in place of the log-probabilities
             d[torch.arange(d.shape[0], device=d.device), target] -= 1.0
             if tanh is not None:  # d/dz of cap * tanh(z / cap)
                 d.mul_(tanh.square_().neg_().add_(1.0))
-            d = d.mul_(valid[:, None]).to(h.dtype)
+            d = d.mul_(valid[:, None])
+            if low:
+                d = logits_buf[: hc.shape[0]].copy_(d)
             if need_h:
-                grad_h[start : start + chunk_size] = d @ w
+                torch.mm(d, w, out=grad_h[start : start + chunk_size])
             if need_w:
-                grad_w += (d.t() @ hc).float()
+                if low:
+                    _add_in_slices(grad_w, torch.mm(d.t(), hc, out=gw_buf))
+                else:
+                    grad_w.addmm_(d.t(), hc)
     return total, grad_h, grad_w
+
+
+def _add_in_slices(acc: torch.Tensor, x: torch.Tensor, rows: int = 2048) -> None:
+    """acc += x for a float32 acc and a lower-precision x, a few rows at a time: a mixed-dtype add_ casts
+    x whole first, and a temporary that large (> 32 MiB) is fresh pages from the OS on every call."""
+    for i in range(0, acc.shape[0], rows):
+        acc[i : i + rows].add_(x[i : i + rows])
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -96,12 +126,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
+        if getattr(ctx, "done", False):
+            raise RuntimeError("chunked_cross_entropy: backward ran twice over one forward (retain_graph is not supported)")
+        ctx.done = True
         grad_h, grad_w = ctx.saved_tensors
-        gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
-        gw = (grad_w * grad_out).to(ctx.w_dtype) if grad_w is not None else None
+        # The saved gradients are this Function's own buffers, used once: scaled in place.
+        gh = grad_h.mul_(grad_out.to(grad_h.dtype)) if grad_h is not None else None
+        gw = grad_w.mul_(grad_out).to(ctx.w_dtype) if grad_w is not None else None
         return gh, gw, None, None, None
 
 
+@torch.compiler.disable  # already fused by hand: its matmuls dominate, and the chunk loop would unroll
 def chunked_cross_entropy(
     h: torch.Tensor, w: Any, labels: torch.Tensor, *, chunk_size: int = 1024, softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -31,9 +31,22 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from purefine import fused
 from purefine.errors import ConfigError
 
 IGNORE_INDEX = -100
+
+
+def _plain(*xs: Any) -> bool:
+    """True when ``fused`` applies: every argument a plain tensor (not a DTensor or another subclass),
+    not under torch.compile (inductor fuses the composite itself, and plans what to save) and not
+    under a torch.func transform (``vmap(grad(...))``: the composite has the rules it needs)."""
+    return (all(type(x) is torch.Tensor for x in xs) and not torch.compiler.is_compiling()
+            and _FUNCTORCH_LEVEL() is None)
+
+
+# The innermost torch.func transform in progress, or None (a private hook; without it, assume none).
+_FUNCTORCH_LEVEL = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", lambda: None)
 
 
 def linear(x: torch.Tensor, w: Any, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -54,7 +67,10 @@ def embedding(tokens: torch.Tensor, w: Any) -> torch.Tensor:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x (..., D) normalized by its root mean square in float32, scaled by weight (D,)."""
+    """x (..., D) normalized by its root mean square in float32, scaled by weight (D,) (``fused``'s
+    backward for plain tensors: the same values, fewer saved activations)."""
+    if _plain(x, weight):
+        return fused.rms_norm(x, weight, eps)
     dtype = x.dtype
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
@@ -107,6 +123,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     rotary = cos.shape[-1]
     if rotary < x.shape[-1]:
         return torch.cat((apply_rope(x[..., :rotary], cos, sin), x[..., rotary:]), dim=-1)
+    if _plain(x, cos):
+        return fused.rope(x, cos[:, None], sin[:, None])
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos[:, None] + rotated * sin[:, None]
@@ -193,9 +211,16 @@ def _softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mas
     return scores.softmax(-1, dtype=torch.float32).to(q.dtype) @ v
 
 
+def glu(act: Any, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """gate, up (..., F) -> act(gate) * up (..., F), saving only gate and up for backward."""
+    if _plain(gate, up):
+        return fused.glu(act, gate, up)
+    return act(gate) * up
+
+
 def gated_mlp(x: torch.Tensor, gate: Any, up: Any, down: Any, act: Any = F.silu) -> torch.Tensor:
     """x (..., D) -> down(act(gate(x)) * up(x)) (..., D); gate, up (F, D), down (D, F)."""
-    return linear(act(linear(x, gate)) * linear(x, up), down)
+    return linear(glu(act, linear(x, gate), linear(x, up)), down)
 
 
 def swiglu(x: torch.Tensor, gate: Any, up: Any, down: Any) -> torch.Tensor:

@@ -23,7 +23,7 @@ from typing import ClassVar
 
 import torch
 
-from purefine import ops
+from purefine import fused, ops
 from purefine.errors import ConfigError
 from purefine.models import llama, mistral
 from purefine.models.family import Context, Gather, normal_init
@@ -147,6 +147,8 @@ PRESETS: dict[str, Gemma2Config] = {
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Gemma's RMSNorm: x (..., D) normalized in float32, times (1 + weight) in float32, cast back."""
+    if ops._plain(x, weight):
+        return fused.rms_norm(x, weight, eps, offset=True)
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return (h * (1.0 + weight.float())).to(x.dtype)

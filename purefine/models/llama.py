@@ -250,7 +250,7 @@ def attention(cfg: LlamaConfig, p: dict, x: torch.Tensor, ctx: Context, i: int) 
 
 def mlp(cfg: LlamaConfig, p: dict, x: torch.Tensor) -> torch.Tensor:
     """x (B, T, D) -> (B, T, D): the gated MLP down(act(gate(x)) * up(x)) (biases when ``mlp_bias``)."""
-    return _proj(p["down_proj"], cfg.activation(_proj(p["gate_proj"], x)) * _proj(p["up_proj"], x))
+    return _proj(p["down_proj"], ops.glu(cfg.activation, _proj(p["gate_proj"], x), _proj(p["up_proj"], x)))
 
 
 def block(cfg: LlamaConfig, p: dict, x: torch.Tensor, ctx: Context, i: int, *,

@@ -132,7 +132,7 @@ def attention(cfg: Phi3Config, p: dict, x: torch.Tensor, ctx: Context, i: int) -
 def mlp(cfg: Phi3Config, p: dict, x: torch.Tensor) -> torch.Tensor:
     """x (B, T, D) -> (B, T, D): the fused gate_up_proj split into gate and up, then down(up * silu(gate))."""
     gate, up = ops.linear(x, p["gate_up_proj"]["weight"]).chunk(2, dim=-1)
-    return ops.linear(up * F.silu(gate), p["down_proj"]["weight"])
+    return ops.linear(ops.glu(F.silu, gate, up), p["down_proj"]["weight"])
 
 
 FAMILY = dataclasses.replace(
