@@ -153,9 +153,15 @@ class TrainConfig:
     seed: int = 0
     """Seed for init, adapters, data order and dropout."""
     dtype: Literal["auto", "fp32", "bf16"] = "auto"
-    """Compute dtype: bf16 keeps frozen weights in bf16 and fp32 master copies of trained ones; auto = bf16 for QLoRA, else fp32."""
+    """Compute dtype (trained tensors always keep fp32 masters): auto = bf16 where the hardware computes it natively (CUDA; a CPU with AMX or AVX512-BF16), else fp32 (QLoRA keeps frozen weights in bf16 there); bf16 on a CPU without native bf16 computes in fp32 over bf16-stored weights unless --force-dtype."""
+    force_dtype: bool = False
+    """With --dtype bf16: compute in bf16 even on a CPU without native bf16 (its bf16 matmuls run 8-200x slower than fp32)."""
     remat: bool = False
     """Activation checkpointing per block: less memory, ~1/3 more compute (the QLoRA presets turn it on)."""
+    compile: bool = False
+    """torch.compile the loss (inductor on CPU and CUDA); the first steps pay the compile time, printed."""
+    allocator: Literal["fast", "lean"] = "fast"
+    """CPU memory policy: fast = glibc's default (freed activations stay in the heap and are reused); lean = allocations of 1 MiB and more are mapped and unmapped each time, so memory returns to the OS at once (peak RSS ~25-35% lower, steps ~25-45% slower: docs/performance.md)."""
     device: str = "auto"
     """cpu, cuda, cuda:N or auto."""
     output_dir: str | None = None

@@ -6,7 +6,7 @@
   ``"AVX512"``, ``"AVX2"`` or ``"none"`` — with the flags behind it and torch's own dispatch level
   (``torch.backends.cpu.get_cpu_capability()``).
 - ``native_bf16(device, flags)``: whether bf16 matmuls run natively: a CUDA device with bf16
-  support, or a CPU with AMX or AVX512-BF16. Elsewhere torch emulates bf16 on CPU, far slower than
+  support, or a CPU with AMX or AVX512-BF16 (``PUREFINE_NATIVE_BF16=0`` / ``1`` overrides the CPU's answer). Elsewhere torch emulates bf16 on CPU, far slower than
   fp32 (0.8 GFLOP/s against ~160 for ``g @ w`` on an AVX2-only EPYC), so ``--dtype auto`` computes in
   fp32 there.
 - ``matmul_peak(dtype)``: the best FLOP/s of square matmuls in ``dtype``, measured now, the
@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import time
 from typing import Any
@@ -31,6 +32,8 @@ LEVELS = (
     ("AVX2", ("avx2",)),
 )
 NATIVE_BF16_LEVELS = ("AMX", "AVX512-BF16")
+# Set to 0 or 1 to override the CPU's detection (the test suite sets 0, so it runs alike on every CPU).
+NATIVE_BF16_ENV = "PUREFINE_NATIVE_BF16"
 
 
 def _cpuinfo_field(field: str) -> str | None:
@@ -79,8 +82,21 @@ def native_bf16(device: torch.device | str = "cpu", flags: frozenset[str] | set[
     if kind == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if kind == "cpu":
+        override = os.environ.get(NATIVE_BF16_ENV, "").strip()
+        if flags is None and override in ("0", "1"):
+            return override == "1"
         return cpu_capability(flags)["level"] in NATIVE_BF16_LEVELS
     return False
+
+
+def bf16_support(device: torch.device | str = "cpu", flags: frozenset[str] | set[str] | None = None) -> str:
+    """A phrase for run headers: "native bf16 (CPU with AMX)", "no native bf16 (CPU with AVX2 only)", "native bf16 (cuda)"."""
+    kind = torch.device(device).type
+    native = "native bf16" if native_bf16(device, flags) else "no native bf16"
+    if kind != "cpu":
+        return f"{native} ({kind})"
+    level = cpu_capability(flags)["level"]
+    return f"{native} (CPU with {level}{'' if level in NATIVE_BF16_LEVELS else ' only'})"
 
 
 def _best_seconds(a: torch.Tensor, b: torch.Tensor, repeats: int, budget_s: float) -> float:

@@ -51,7 +51,7 @@ import optree
 import torch
 import torch.nn.functional as F
 
-from purefine import ops, tree
+from purefine import ops, tree, upcast
 from purefine.errors import ConfigError
 
 ADAPTER_CHILDREN = ("lora_a", "lora_b", "magnitude")
@@ -153,7 +153,7 @@ class LoRA:
         in it and only the result is cast."""
         base = self.base
         if isinstance(base, torch.Tensor):
-            base = base.to(dtype) if base.is_floating_point() else base
+            base = upcast.cast(base, dtype)
         elif hasattr(base, "astype"):
             base = base.astype(dtype)
         return LoRA(base, self.lora_a.to(dtype), self.lora_b.to(dtype), self.magnitude, self.alpha, self.rslora,

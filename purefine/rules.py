@@ -114,6 +114,10 @@ def _check_devices(cfg: TrainConfig) -> None:
         _positive(value, flag)
     if cfg.parallel.dp_shard == 0 or cfg.parallel.dp_shard < -1:
         raise ConfigError(f"--parallel.dp-shard: must be -1 (auto) or >= 1, found {cfg.parallel.dp_shard}")
+    if cfg.compile and cfg.parallel.pp > 1:
+        raise ConfigError("--compile: not with --parallel.pp (pipeline stages run eagerly)")
+    if cfg.force_dtype and cfg.dtype != "bf16":
+        raise ConfigError(f"--force-dtype: only with --dtype bf16 (it forces bf16 compute), found --dtype {cfg.dtype}")
 
 
 def problems(cfg: TrainConfig) -> list[str]:

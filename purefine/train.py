@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from purefine import optim, tree
+from purefine import optim, tree, upcast
 from purefine.errors import ConfigError
 
 Batch = dict[str, torch.Tensor]
@@ -108,15 +108,16 @@ def value_and_grad(fn: Callable[..., Any], trainable: Filter, *, has_aux: bool =
 
 
 def cast_params(params: Any, dtype: torch.dtype | None) -> Any:
-    """Params prepared for compute in ``dtype``: float tensors cast (differentiably), leaf kinds
-    through their ``astype``; a no-op for tensors already in ``dtype``."""
+    """Params prepared for compute in ``dtype``: float tensors cast (differentiably; a frozen matrix
+    stored in lower precision is wrapped in ``upcast.Upcast`` instead of copied), leaf kinds through
+    their ``astype``; a no-op for tensors already in ``dtype``."""
     if dtype is None:
         return params
 
     def cast(x: Any) -> Any:
         if tree.is_kind(x):
             return x.astype(dtype) if hasattr(x, "astype") else x
-        return x.to(dtype) if x.is_floating_point() else x
+        return upcast.cast(x, dtype)
 
     return tree.map(cast, params, is_leaf=tree.is_leaf)
 

@@ -15,7 +15,7 @@ MAX_LINES = 400
 # docs/internals.md: a module imports only from its own layer or below.
 LAYERS = {
     "errors": 1, "fsutil": 1, "schema": 1, "tree": 1, "ops": 1, "fused": 1, "losses": 1, "preference": 1, "hardware": 1,
-    "nf4_codec": 2, "nf4": 2, "lora": 2,
+    "nf4_codec": 2, "nf4": 2, "lora": 2, "upcast": 2,
     "models": 3,
     "optim": 4, "schedules": 4, "train": 4, "shard": 4,
     "checkpoint": 5, "data": 5,

@@ -42,7 +42,7 @@ def test_probe_of_this_machine_matches_cpuinfo_and_torch() -> None:
     assert cap["torch"] == torch.backends.cpu.get_cpu_capability()
     flags = hardware.cpu_flags()
     assert cap["avx512"] == ("avx512f" in flags)
-    assert hardware.native_bf16("cpu") == (cap["level"] in ("AMX", "AVX512-BF16"))
+    assert hardware.native_bf16("cpu", flags) == (cap["level"] in ("AMX", "AVX512-BF16"))
     assert hardware.native_bf16("meta") is False
     m = hardware.machine(peaks=False)
     assert m["cpu"] and m["threads"] >= 1 and m["torch"] == torch.__version__ and "peak_gflops" not in m

@@ -65,9 +65,11 @@ class BenchConfig:
     """torch threads in every run (0: torch's default)."""
     json: str | None = None
     """Write the whole report (machine, settings, every run) to this JSON file."""
-    heap_limit: bool = True
-    """purefine's runs use the train recipe's allocator policy (logging.limit_heap_fragmentation); peers run
-    with glibc's defaults, as their users do. --no-heap-limit measures purefine without it."""
+    allocator: Literal["fast", "lean"] = "fast"
+    """purefine's allocator policy, as train's --allocator (fast: glibc's defaults, as the peers run; lean: mmap
+    from 1 MiB, memory back to the OS at once)."""
+    compile: bool = False
+    """Run purefine's loss through torch.compile (the warm-up steps absorb the compile time)."""
 
 
 def check(cfg: BenchConfig) -> tuple[list[Workload], list[str], list[str]]:
@@ -122,7 +124,7 @@ def write_fixture(root: Path, w: Workload) -> Fixture:
 def measure(side: str, w: Workload, fixture: Fixture, cfg: BenchConfig) -> dict[str, Any]:
     """One run of ``w`` through ``side`` in a fresh process: its record, or {"error": last stderr line}."""
     spec = {"side": side, "case": w.case, **fixture.to_dict(), "steps": cfg.steps, "warmup": cfg.warmup,
-            "threads": cfg.threads, "heap_limit": cfg.heap_limit}
+            "threads": cfg.threads, "allocator": cfg.allocator, "compile": cfg.compile}
     out = subprocess.run([sys.executable, "-m", "purefine.recipes.bench_case", json.dumps(spec)],
                          capture_output=True, text=True)
     if out.returncode != 0:

@@ -1,7 +1,7 @@
 """One measurement in a fresh process, so its peak resident memory is its own:
 
     python -m purefine.recipes.bench_case '{"side": "purefine", "case": "llama-tiny/lora/fp32", "base": DIR,
-        "adapter": DIR, "steps": 5, "warmup": 2, "threads": 2, "heap_limit": true}'
+        "adapter": DIR, "steps": 5, "warmup": 2, "threads": 2, "allocator": "fast", "compile": false}'
 
 ``side`` is ``purefine``, ``hf`` (transformers + peft, ``bench_hf``) or ``torchtune`` (``bench_torchtune``).
 Prints one JSON line: ``bench_workload.child_result``'s record, or ``{"unavailable": why}`` when the
@@ -21,13 +21,15 @@ from purefine.recipes.bench_workload import RECIPE, Fixture, Unavailable, Worklo
     resident_bytes, run_steps
 
 
-def run_purefine(w: Workload, fixture: Fixture, steps: int, warmup: int, heap_limit: bool = True) -> dict[str, Any]:
-    """Train ``warmup + steps`` steps of ``w`` through purefine; returns the child record."""
+def run_purefine(w: Workload, fixture: Fixture, steps: int, warmup: int, allocator: str = "fast",
+                 compile: bool = False) -> dict[str, Any]:
+    """Train ``warmup + steps`` steps of ``w`` through purefine (train's ``--allocator`` policy, the loss
+    compiled with ``compile``); returns the child record."""
     import purefine as pf
     from purefine.logging import limit_heap_fragmentation
 
-    if heap_limit:
-        limit_heap_fragmentation()  # the train recipe's allocator policy
+    if allocator == "lean":
+        limit_heap_fragmentation()
     cfg = pf.checkpoint.read_config(fixture.base)[0]
     quantize = pf.models.quantize_pattern(cfg) if w.mode == "qlora" else None
     cfg, params = pf.checkpoint.load_hf(fixture.base, dtype=w.frozen_dtype, quantize=quantize)
@@ -37,7 +39,8 @@ def run_purefine(w: Workload, fixture: Fixture, steps: int, warmup: int, heap_li
         trainable = pf.lora.trainable
     weights = pf.tree.nbytes(params)
     opt = pf.optim.adamw(RECIPE["lr"], weight_decay=RECIPE["weight_decay"])
-    step = pf.train.make_step(pf.models.loss_fn(cfg, remat=w.remat), opt, trainable=trainable,
+    loss_fn = pf.models.loss_fn(cfg, remat=w.remat)
+    step = pf.train.make_step(torch.compile(loss_fn) if compile else loss_fn, opt, trainable=trainable,
                               compute_dtype=w.dtype if w.dtype != torch.float32 else None)
     state = pf.train.init(params, opt, trainable=trainable, copy=False)
     del params
@@ -61,7 +64,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     steps, warmup = int(spec["steps"]), int(spec["warmup"])
     try:
         if spec["side"] == "purefine":
-            return run_purefine(w, fixture, steps, warmup, bool(spec.get("heap_limit", True)))
+            return run_purefine(w, fixture, steps, warmup, spec.get("allocator", "fast"), bool(spec.get("compile")))
         if spec["side"] == "hf":
             from purefine.recipes.bench_hf import run_hf
 

@@ -66,7 +66,7 @@ def evaluate(task: Task, loss_fn: Any, params: Any, cfg: TrainConfig, device: to
     if task.eval_set is None or cfg.eval_batches == 0:
         return None
     sets = task.eval_set if isinstance(task.eval_set, Mapping) else {"": task.eval_set}
-    compute = train.cast_params(params, dtype if dtype != torch.float32 else None)
+    compute = train.cast_params(params, dtype)  # also wraps frozen bf16-stored weights under fp32 compute
     results, overall = {}, {}
     for name, dataset in sets.items():
         sums = _eval_sums(task, dataset, loss_fn, compute, cfg, device, layout)
@@ -153,6 +153,9 @@ class Run:
                     "seconds": seconds, "peak_memory": peak_memory_bytes(self.device)}
         if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < self.total_steps:
             metrics |= {f"eval_{k}": v for k, v in (self.evaluate(state.params) or {}).items()}
+        if cfg.compile and not self.losses:
+            self.logger.write(f"compile: the first step took {seconds:.1f} s (tracing and compiling the loss; "
+                              "later steps reuse it, a new sequence length compiles once more)")
         self.losses.append(metrics["loss"])
         self.logger.log(state.step, {k: v for k, v in metrics.items() if k != "nonfinite_grads"})
         self.hooks.after_step(state, micro)
@@ -175,17 +178,18 @@ class Run:
 
 
 def header(cfg: TrainConfig, task: Task, n_trainable: int, total_steps: int, decided_by: str, dtype: torch.dtype,
-           device: torch.device, resumed: Path | None, step: int) -> str:
-    """The run's first line: model, method, trainable parameters, data, length and why, dtype, device."""
+           device: torch.device, resumed: Path | None, step: int, why: str = "") -> str:
+    """The run's first line: model, method, trainable parameters, data, length and why, dtype and why, device."""
     what = f" ({task.header})" if task.header else ""
+    reason = f" ({why})" if why else ""
     return (f"model {task.model_cfg.model_type}{what} | {cfg.peft} | trainable {n_trainable:,} params | "
-            f"{data.describe(task.train_set)} | {total_steps} steps ({decided_by}) | {dtype} on {device}"
+            f"{data.describe(task.train_set)} | {total_steps} steps ({decided_by}) | {dtype}{reason} on {device}"
             f" | remat {'on' if cfg.remat else 'off'}" + (f" | resumed from {resumed} at step {step}" if resumed else ""))
 
 
 def run(cfg: TrainConfig, task: Task, layout: Any, state: train.TrainState, step_fn: Any, schedule: Any,
         total_steps: int, out: Path, device: torch.device, dtype: torch.dtype, trainable: Any,
-        decided_by: str = "--max-steps") -> dict:
+        decided_by: str = "--max-steps", dtype_why: str = "") -> dict:
     """Step to the end (see the module doc); returns the summary, with the final state under ``state``.
 
     Throughput: ``tokens_per_s`` counts every position the model computes on (B x T of each
@@ -202,7 +206,8 @@ def run(cfg: TrainConfig, task: Task, layout: Any, state: train.TrainState, step
     with logger_cls(out, every=cfg.log_every, total_steps=total_steps, tensorboard=cfg.tensorboard,
                     wandb=cfg.wandb, progress=cfg.progress, plot=cfg.plot, config=to_dict(cfg),
                     resume_step=state.step if resumed else None) as logger:
-        logger.write(header(cfg, task, n_trainable, total_steps, decided_by, dtype, device, resumed, state.step))
+        logger.write(header(cfg, task, n_trainable, total_steps, decided_by, dtype, device, resumed, state.step,
+                            dtype_why))
         hooks = debug.TrainHooks(cfg, out, task.model_cfg, trainable, dtype, device, world_size=layout.world_size,
                                  is_main=layout.is_main, write=logger.write)  # --profile, --debug-stats, --memory-report
         r = Run(cfg, task, layout, step_fn, schedule, total_steps, device, dtype, logger, hooks,

@@ -11,13 +11,14 @@ from __future__ import annotations
 import functools
 import re
 import shutil
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from purefine import checkpoint, data, fsutil, hub, lora, models, nf4, optim, schedules, train
+from purefine import checkpoint, data, fsutil, hardware, hub, lora, models, nf4, optim, schedules, train
 from purefine.config import TrainConfig
 from purefine.errors import ConfigError
 
@@ -76,11 +77,50 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+@dataclass(frozen=True)
+class Precision:
+    """How a run computes and stores: ``compute`` the activations' dtype, ``frozen`` the storage of the
+    weights that do not train (trained tensors are float32 masters), ``why`` the header's reason."""
+
+    compute: torch.dtype
+    frozen: torch.dtype
+    why: str
+
+    @property
+    def step_dtype(self) -> torch.dtype | None:
+        """What ``train.make_step(compute_dtype=)`` takes: None when everything is float32 already."""
+        return None if self.compute == self.frozen == torch.float32 else self.compute
+
+
+def precision(cfg: TrainConfig, device: torch.device | str | None = None) -> Precision:
+    """The run's dtypes from ``--dtype`` and the hardware (``hardware.native_bf16``):
+
+    - ``fp32``: fp32 throughout.
+    - ``auto``: bf16 where the device computes it natively (CUDA with bf16, a CPU with AMX or
+      AVX512-BF16); elsewhere fp32, QLoRA keeping its frozen (non-NF4) weights in bf16.
+    - ``bf16``: bf16 where native or with ``--force-dtype``; elsewhere fp32 compute over frozen
+      weights stored in bf16 (upcast per layer), since emulated bf16 matmuls run 8-200x slower.
+    """
+    device = torch.device(device) if device is not None else pick_device(cfg.device)
+    fp32, bf16 = torch.float32, torch.bfloat16
+    if cfg.dtype == "fp32":
+        return Precision(fp32, fp32, "--dtype fp32")
+    where = hardware.bf16_support(device)
+    if hardware.native_bf16(device):
+        return Precision(bf16, bf16, f"{'--dtype bf16' if cfg.dtype == 'bf16' else 'auto'}: {where}")
+    if cfg.dtype == "bf16" and cfg.force_dtype:
+        return Precision(bf16, bf16, f"--dtype bf16 --force-dtype ({where})")
+    if cfg.dtype == "bf16":
+        return Precision(fp32, bf16, f"--dtype bf16 on {where}: fp32 compute over bf16-stored frozen weights "
+                                     "(--force-dtype computes in bf16)")
+    if cfg.peft == "qlora":
+        return Precision(fp32, bf16, f"auto: {where}: fp32 compute, frozen weights stored in bf16")
+    return Precision(fp32, fp32, f"auto: {where}")
+
+
 def compute_dtype(cfg: TrainConfig) -> torch.dtype:
-    """The compute dtype: bf16 for ``--dtype bf16``, and for QLoRA under ``auto`` (as the paper)."""
-    if cfg.dtype == "bf16" or (cfg.dtype == "auto" and cfg.peft == "qlora"):
-        return torch.bfloat16
-    return torch.float32
+    """The activations' dtype of ``cfg`` on its device (``precision(cfg).compute``)."""
+    return precision(cfg).compute
 
 
 # What a run writes; their presence marks a directory as holding an earlier run.
@@ -138,8 +178,7 @@ def prepare_output_dir(path: str) -> Path:
 def load_model(cfg: TrainConfig, device: torch.device, layout: Any = None) -> tuple[Any, dict]:
     """(model config, params): from --checkpoint-dir, the bundled weights, or a random init of --model;
     NF4 for QLoRA. Under a mesh (``layout``) each rank reads only its own slices of the checkpoint."""
-    dtype = compute_dtype(cfg)
-    frozen_dtype = dtype if cfg.peft != "none" else torch.float32  # full FT keeps fp32 masters
+    frozen_dtype = precision(cfg, device).frozen if cfg.peft != "none" else torch.float32  # full FT: fp32 masters
     source = checkpoint_source(cfg)
     model_cfg = checkpoint.read_config(source)[0] if source is not None else models.preset(cfg.model)
     quantize = models.quantize_pattern(model_cfg) if cfg.peft == "qlora" else None

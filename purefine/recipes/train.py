@@ -41,7 +41,8 @@ def save_outputs(out: Path, cfg: TrainConfig, model_cfg: Any, params: dict, tok_
 def main(cfg: TrainConfig) -> dict:
     """Run the fine-tune described by ``cfg``; returns a summary (losses, throughput, outputs)."""
     cfg = validate(cfg)
-    limit_heap_fragmentation()
+    if cfg.allocator == "lean":
+        limit_heap_fragmentation()
     layout = shard.layout(cfg.parallel, setup.pick_device(cfg.device))  # torchrun: process group and mesh
     if cfg.output_dir is None:  # rank 0 names the new run's directory, every rank uses it
         cfg = dataclasses.replace(cfg, output_dir=setup.same_on_every_rank(setup.default_output_dir(cfg)))
@@ -50,7 +51,10 @@ def main(cfg: TrainConfig) -> dict:
         fsutil.atomic_write(out / "config.yaml", to_yaml(cfg))
         if cfg.init == "random":
             print(f"note: --init random: {cfg.model} starts from random weights (seed {cfg.seed}), not a pretrained model")
-    device, dtype = layout.device, setup.compute_dtype(cfg)
+    device, prec = layout.device, setup.precision(cfg, layout.device)
+    dtype = prec.compute
+    if layout.is_main and cfg.dtype == "bf16" and dtype != torch.bfloat16:
+        print(f"notice: {prec.why}")
     torch.manual_seed(cfg.seed)
     model_cfg, params = setup.load_model(cfg, device, layout)
     task = tasks.build(cfg, model_cfg, params, layout)
@@ -60,12 +64,13 @@ def main(cfg: TrainConfig) -> dict:
     total_steps, decided_by = loop.count_steps(cfg, task, world_size=layout.dp_size)
     opt, schedule = setup.make_optimizer(cfg.optim, total_steps)
     step_fn = layout.make_step(task.model_cfg, opt, trainable=trainable, remat=uses_remat(cfg),
-                               clip_norm=cfg.optim.clip_norm or None, compute_dtype=dtype if dtype != torch.float32 else None,
-                               skip_nonfinite=cfg.nan_policy == "skip", loss=task.loss, count=task.count)
+                               clip_norm=cfg.optim.clip_norm or None, compute_dtype=prec.step_dtype,
+                               skip_nonfinite=cfg.nan_policy == "skip", loss=task.loss, count=task.count,
+                               compile=cfg.compile)
     state = train.init(params, opt, trainable=trainable, seed=cfg.seed, copy=False)
     del params
     summary = loop.run(cfg, task, layout, state, step_fn, schedule, total_steps, out, device, dtype, trainable,
-                       decided_by)
+                       decided_by, prec.why)
     full_params = layout.full_params_for_save(summary.pop("state").params)  # every rank takes part
     if not layout.is_main:
         return summary

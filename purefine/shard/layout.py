@@ -192,21 +192,26 @@ class Layout:
                   remat: bool = False, chunk_size: int = 1024, clip_norm: float | None = None,
                   compute_dtype: torch.dtype | None = None, skip_nonfinite: bool = False,
                   loss: Callable[..., Any] | None = None,
-                  count: Callable[[Any], torch.Tensor] = train.labelled_tokens) -> Callable[..., Any]:
+                  count: Callable[[Any], torch.Tensor] = train.labelled_tokens, compile: bool = False) -> Callable[..., Any]:
         """``train.make_step`` with this layout's gather and sync hooks (or the pipeline schedule);
         the step's ``loss`` (and the loss's own metrics) are the global ones on every rank.
         ``loss(gather, remat)`` builds a task's own loss (None: the model's next-token loss, the
-        only one pipeline stages run); ``count`` is its per-batch normalizer."""
+        only one pipeline stages run); ``count`` is its per-batch normalizer; ``compile`` passes the
+        loss through ``torch.compile`` (not with pipeline stages)."""
         options = dict(trainable=trainable, clip_norm=clip_norm, compute_dtype=compute_dtype,
                        skip_nonfinite=skip_nonfinite)
         if self.pp_size > 1:
             if loss is not None:
                 raise ConfigError("--parallel.pp: pipeline stages train the causal-LM task only")
+            if compile:
+                raise ConfigError("--compile: not with --parallel.pp (pipeline stages run eagerly)")
             self.plan_stages(model_cfg)
             return pipeline.make_pipeline_step(model_cfg, optimizer, self, remat=remat, chunk_size=chunk_size,
                                                count=count, **options)
         fn = loss(self.gather, remat) if loss is not None else \
             models.loss_fn(model_cfg, chunk_size=chunk_size, remat=remat, gather=self.gather)
+        if compile:
+            fn = torch.compile(fn)  # shapes that change compile once more, then dynamically
         if not self.distributed:
             return train.make_step(fn, optimizer, count=count, **options)
         inner = train.make_step(fn, optimizer, count=count, sync_count=self.sum_over_dp, sync_grads=settle_grads,
