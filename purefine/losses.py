@@ -136,7 +136,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return gh, gw, None, None, None
 
 
-@torch.compiler.disable  # already fused by hand: its matmuls dominate, and the chunk loop would unroll
 def chunked_cross_entropy(
     h: torch.Tensor, w: Any, labels: torch.Tensor, *, chunk_size: int = 1024, softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,6 +148,18 @@ def chunked_cross_entropy(
     (chunk x V) logits block is alive; ``chunk_size`` rows at most, fewer when the vocabulary is
     large (``LOGITS_BUDGET`` elements per chunk). ``softcap`` caps the logits first (Gemma-2).
     """
+    if torch.compiler.is_compiling():  # already fused by hand: run eagerly (its chunk loop would unroll)
+        return _eager(_chunked_cross_entropy)(h, w, labels, chunk_size, softcap)
+    return _chunked_cross_entropy(h, w, labels, chunk_size, softcap)
+
+
+def _eager(fn: Any) -> Any:
+    """``fn`` excluded from torch.compile (imported only when compiling: torch._dynamo is heavy)."""
+    return torch.compiler.disable(fn)
+
+
+def _chunked_cross_entropy(h: torch.Tensor, w: Any, labels: torch.Tensor, chunk_size: int,
+                           softcap: float | None) -> tuple[torch.Tensor, torch.Tensor]:
     if h.dim() != 2:
         raise ValueError(f"chunked_cross_entropy: expected 2-D hidden states (N, D), got {tuple(h.shape)}")
     count = (labels != IGNORE_INDEX).sum()

@@ -135,18 +135,36 @@ def _lookup_table(dtype: torch.dtype, device: torch.device) -> tuple[torch.Tenso
         return values.contiguous().view(torch.int64).view(-1).to(device), per_row
 
 
-def lookup(codes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """packed codes (k,) uint8 (k even) -> (2k,) codebook values in ``dtype``."""
+def lookup(codes: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """packed codes (k,) uint8 (k even) -> (2k,) codebook values in ``dtype`` (written into ``out`` if given)."""
     aligned = codes.is_contiguous() and codes.numel() % 2 == 0 and codes.storage_offset() % 2 == 0
     if dtype.itemsize in (2, 4) and aligned:
         table, per_row = _lookup_table(dtype, codes.device)
-        index = codes.view(torch.uint16) if per_row == 2 else codes
-        return table.index_select(0, index.int()).view(dtype)
-    return CODEBOOK.to(dtype=dtype, device=codes.device)[unpack_codes(codes).long()]
+        index = (codes.view(torch.uint16) if per_row == 2 else codes).int()
+        if out is not None and out.is_contiguous():
+            torch.index_select(table, 0, index, out=out.view(torch.int64))
+            return out
+        values = table.index_select(0, index).view(dtype)
+    else:
+        values = CODEBOOK.to(dtype=dtype, device=codes.device)[unpack_codes(codes).long()]
+    return values if out is None else out.copy_(values)
+
+
+# Blocks of 64 decoded per pass of ``dequantize_blocks``: its index and value temporaries stay ~1-4 MiB
+# (reused from the heap) instead of growing with the weight (a 7B MLP weight's would be ~90 MiB each).
+DEQUANT_BLOCKS = 1 << 14
 
 
 def dequantize_blocks(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """codes (k·32,) uint8 and scales (k,) in ``dtype`` -> (k, 64) values in ``dtype``."""
-    return lookup(codes, dtype).view(-1, BLOCK_SIZE).mul_(scales[:, None])
+    """codes (k·32,) uint8 and scales (k,) in ``dtype`` -> (k, 64) values in ``dtype``, decoded a few
+    thousand blocks at a time straight into the result."""
+    k = scales.shape[0]
+    out = torch.empty(k, BLOCK_SIZE, dtype=dtype, device=codes.device)
+    half = BLOCK_SIZE // 2
+    for b in range(0, k, DEQUANT_BLOCKS):
+        part = out[b : b + DEQUANT_BLOCKS]
+        lookup(codes[b * half : (b + part.shape[0]) * half], dtype, out=part.view(-1))
+        part.mul_(scales[b : b + part.shape[0], None])
+    return out
 
 

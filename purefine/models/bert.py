@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from purefine import losses, ops, tree
 from purefine.errors import ConfigError, DataError
 from purefine.models import decoder
-from purefine.models.family import Context, Family, Gather, ModelConfig, hf_fields
+from purefine.models.family import Context, Family, Gather, ModelConfig, hf_fields, normal_tensor
 
 HEADS = {"classify": "BertForSequenceClassification", "mlm": "BertForMaskedLM"}
 ARCHITECTURE_HEADS = {**{v: k for k, v in HEADS.items()}, "BertForPreTraining": "mlm"}
@@ -197,14 +197,15 @@ def head_shapes(cfg: BertConfig) -> dict[str, tuple[int, ...]]:
             **_norm_shapes("cls.predictions.transform.LayerNorm", d), "cls.predictions.bias": (cfg.vocab_size,)}
 
 
-def init_tensor(cfg: BertConfig, name: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+def init_tensor(cfg: BertConfig, name: str, shape: tuple[int, ...], gen: torch.Generator,
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """HF's init: N(0, initializer_range) matrices and embeddings (the padding row zero), LayerNorm
     weights one, biases zero."""
     if "LayerNorm.weight" in name:
-        return torch.ones(shape)
+        return torch.ones(shape, dtype=dtype)
     if name.endswith("bias"):
-        return torch.zeros(shape)
-    t = torch.empty(shape).normal_(0.0, cfg.initializer_range, generator=gen)
+        return torch.zeros(shape, dtype=dtype)
+    t = normal_tensor(shape, cfg.initializer_range, gen, dtype)
     if name.endswith("word_embeddings.weight") and cfg.pad_token_id is not None:
         t[cfg.pad_token_id] = 0  # as nn.Embedding(padding_idx=...) in transformers' init
     return t

@@ -40,7 +40,7 @@ def init(fam: Family, cfg: Any, *, seed: int = 0, dtype: torch.dtype = torch.flo
         if str(device) == "meta":
             t = torch.empty(shape, dtype=dtype, device="meta")
         else:
-            t = fam.init_tensor(cfg, name, shape, gen).to(dtype=dtype, device=device)
+            t = fam.init_tensor(cfg, name, shape, gen, dtype).to(device=device)
         flat[name] = hook(name, t) if hook is not None else t
     return tree.unflatten(flat)
 

@@ -79,13 +79,33 @@ def hf_fields(cls: type, d: dict, names: set[str]) -> dict:
     return {k: d[k] for k in names if k in d and (d[k] is not None or k in nullable)}
 
 
-def normal_init(cfg: Any, name: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
-    """HF's init (float32, CPU): ones for norm weights, zeros for biases, N(0, initializer_range) else."""
+# Rows of a low-precision tensor drawn at a time (float32 elements): the float32 draw never exists whole.
+INIT_BLOCK = 1 << 22
+
+
+def normal_tensor(shape: tuple[int, ...], std: float, gen: torch.Generator,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """N(0, std) of ``shape`` in ``dtype`` (CPU): drawn in float32 from ``gen`` (the same values as one
+    float32 draw, rounded), a block of rows at a time for a lower-precision ``dtype``."""
+    if dtype == torch.float32 or len(shape) < 2 or math.prod(shape) <= INIT_BLOCK:
+        return torch.empty(shape).normal_(0.0, std, generator=gen).to(dtype)
+    out = torch.empty(shape, dtype=dtype)
+    row = math.prod(shape[1:])
+    rows = max(16, INIT_BLOCK // row // 16 * 16)  # whole multiples of 16 values: torch draws normals 16 at a time
+    for i in range(0, shape[0], rows):
+        block = out[i : i + rows]
+        block.copy_(torch.empty(block.shape).normal_(0.0, std, generator=gen))
+    return out
+
+
+def normal_init(cfg: Any, name: str, shape: tuple[int, ...], gen: torch.Generator,
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """HF's init (CPU, in ``dtype``): ones for norm weights, zeros for biases, N(0, initializer_range) else."""
     if name.endswith("norm.weight"):
-        return torch.ones(shape)
+        return torch.ones(shape, dtype=dtype)
     if name.endswith(".bias"):
-        return torch.zeros(shape)
-    return torch.empty(shape).normal_(0.0, cfg.initializer_range, generator=gen)
+        return torch.zeros(shape, dtype=dtype)
+    return normal_tensor(shape, cfg.initializer_range, gen, dtype)
 
 
 def same_name(cfg: Any, name: str) -> str | None:
@@ -112,7 +132,7 @@ class Family:
     - ``causal`` (False: bidirectional, BERT), ``rotary`` (the context carries RoPE cos / sin).
     - ``lora_targets`` (peft's default), ``linear_layers`` (``all-linear`` and QLoRA's NF4 set),
       ``tp_plan`` ({weight regex: colwise | rowwise}; empty: data parallel and FSDP only).
-    - ``init_tensor(cfg, name, shape, generator)``; ``hf_transposed`` (regex of weights HF files
+    - ``init_tensor(cfg, name, shape, generator, dtype)``; ``hf_transposed`` (regex of weights HF files
       store (in, out): GPT-2's Conv1D); ``checkpoint_name(cfg, file name) -> params name or None``
       (legacy names, skipped buffers); ``peft_fields(cfg)`` (adapter_config fields of its own).
     - ``head(cfg, params, h, gather) -> logits`` and ``loss(cfg, chunk_size, remat, gather)``:
@@ -135,7 +155,7 @@ class Family:
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
     linear_layers: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     tp_plan: Mapping[str, str] = field(default_factory=dict)
-    init_tensor: Callable[[Any, str, tuple[int, ...], torch.Generator], torch.Tensor] = normal_init
+    init_tensor: Callable[..., torch.Tensor] = normal_init
     hf_transposed: str | None = None
     checkpoint_name: Callable[[Any, str], str | None] = same_name
     peft_fields: Callable[[Any], dict] = no_fields

@@ -154,9 +154,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return (h * (1.0 + weight.float())).to(x.dtype)
 
 
-def init_tensor(cfg: Gemma2Config, name: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+def init_tensor(cfg: Gemma2Config, name: str, shape: tuple[int, ...], gen: torch.Generator,
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """HF's init, with Gemma's norm weights at zero (the norm scales by 1 + w)."""
-    return torch.zeros(shape) if name.endswith("norm.weight") else normal_init(cfg, name, shape, gen)
+    return torch.zeros(shape, dtype=dtype) if name.endswith("norm.weight") else normal_init(cfg, name, shape, gen, dtype)
 
 
 def embed(cfg: Gemma2Config, params: dict, tokens: torch.Tensor, ctx: Context, g: Gather, extra: dict) -> torch.Tensor:

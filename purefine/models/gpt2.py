@@ -37,7 +37,7 @@ import torch
 
 from purefine import ops
 from purefine.errors import ConfigError
-from purefine.models.family import Context, Family, Gather, ModelConfig, hf_fields
+from purefine.models.family import Context, Family, Gather, ModelConfig, hf_fields, normal_tensor
 
 CONV1D = r"transformer\.h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight"
 # Buffers old checkpoints (the original ``gpt2`` upload) carry: the causal mask, not parameters.
@@ -147,15 +147,16 @@ PRESETS: dict[str, GPT2Config] = {
 }
 
 
-def init_tensor(cfg: GPT2Config, name: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+def init_tensor(cfg: GPT2Config, name: str, shape: tuple[int, ...], gen: torch.Generator,
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """HF's init: N(0, initializer_range) matrices, the residual projections (``c_proj``) scaled by
     1/sqrt(2 n_layer), LayerNorm weights one, biases zero."""
     if ".ln_" in name and name.endswith(".weight"):
-        return torch.ones(shape)
+        return torch.ones(shape, dtype=dtype)
     if name.endswith(".bias"):
-        return torch.zeros(shape)
+        return torch.zeros(shape, dtype=dtype)
     std = cfg.initializer_range / (2 * cfg.n_layer) ** 0.5 if name.endswith("c_proj.weight") else cfg.initializer_range
-    return torch.empty(shape).normal_(0.0, std, generator=gen)
+    return normal_tensor(shape, std, gen, dtype)
 
 
 def checkpoint_name(cfg: GPT2Config, name: str) -> str | None:

@@ -25,7 +25,6 @@ N processes against one; ``python -m purefine.shard.bench``). Resumable state go
 from purefine.shard.checkpoint_io import gather_full, make_reader
 from purefine.shard.gather import ColumnParallel, RowParallel, gather_tensor, make_gather, settle_grads
 from purefine.shard.layout import Layout, layout, resolve_sizes
-from purefine.shard.pipeline import eval_loss_fn, make_pipeline_step
 from purefine.shard.plan import (
     GENERIC_PLAN, leaf_placements, local_nbytes, plan_for, shard, tensor_placements, unshard,
 )
@@ -37,3 +36,11 @@ __all__ = [
     "make_pipeline_step", "make_reader", "owner_stage", "plan_for", "plan_stages", "resolve_sizes", "settle_grads",
     "shard", "stage_ranges", "tensor_placements", "unshard",
 ]
+
+
+def __getattr__(name: str):  # pipeline's names load on first use: torch.distributed.pipelining imports torch._dynamo
+    if name in ("eval_loss_fn", "make_pipeline_step"):
+        from purefine.shard import pipeline
+
+        return getattr(pipeline, name)
+    raise AttributeError(f"module 'purefine.shard' has no attribute {name!r}")

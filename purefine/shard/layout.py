@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from purefine import models, optim, train
 from purefine.errors import ConfigError
-from purefine.shard import checkpoint_io, pipeline, plan, stages
+from purefine.shard import checkpoint_io, plan, stages
 from purefine.shard.gather import make_gather, settle_grads
 
 DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
@@ -183,6 +183,8 @@ class Layout:
         if self.pp_size > 1:
             if loss is not None:
                 raise ConfigError("--parallel.pp: pipeline stages train the causal-LM task only")
+            from purefine.shard import pipeline  # torch.distributed.pipelining imports torch._dynamo: only when used
+
             return pipeline.eval_loss_fn(model_cfg, self, chunk_size=chunk_size)
         if loss is not None:
             return loss(self.gather, False)
@@ -206,6 +208,8 @@ class Layout:
             if compile:
                 raise ConfigError("--compile: not with --parallel.pp (pipeline stages run eagerly)")
             self.plan_stages(model_cfg)
+            from purefine.shard import pipeline
+
             return pipeline.make_pipeline_step(model_cfg, optimizer, self, remat=remat, chunk_size=chunk_size,
                                                count=count, **options)
         fn = loss(self.gather, remat) if loss is not None else \
