@@ -155,11 +155,15 @@ def lookup(codes: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = N
 DEQUANT_BLOCKS = 1 << 14
 
 
-def dequantize_blocks(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def dequantize_blocks(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
     """codes (k·32,) uint8 and scales (k,) in ``dtype`` -> (k, 64) values in ``dtype``, decoded a few
-    thousand blocks at a time straight into the result."""
+    thousand blocks at a time straight into the result (``out``, k·64 contiguous elements, if given)."""
     k = scales.shape[0]
-    out = torch.empty(k, BLOCK_SIZE, dtype=dtype, device=codes.device)
+    if out is None:
+        out = torch.empty(k, BLOCK_SIZE, dtype=dtype, device=codes.device)
+    else:
+        out = out.view(k, BLOCK_SIZE)
     half = BLOCK_SIZE // 2
     for b in range(0, k, DEQUANT_BLOCKS):
         part = out[b : b + DEQUANT_BLOCKS]

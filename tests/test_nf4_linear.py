@@ -197,3 +197,63 @@ def test_models_init_straight_into_nf4_equals_quantizing_afterwards():
     tokens = torch.randint(0, cfg.vocab_size, (2, 9), generator=_gen(15))
     logits = pf.models.forward(cfg, streamed, tokens)
     assert torch.equal(logits, pf.models.forward(cfg, nf4.dequantize(streamed), tokens))
+
+
+@pytest.fixture
+def scratch_for_every_size(monkeypatch):
+    """Scratch buffers for weights of any size (by default only for those of 32 MiB and up)."""
+    monkeypatch.setattr(nf4, "SCRATCH_MIN_BYTES", 0)
+    nf4.release_scratch()
+    yield
+    nf4.release_scratch()
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_reused_dequantization_buffers_change_no_value(scratch_for_every_size, remat):
+    """Two weights of one shape (sharing a scratch buffer), a third of another, chained, with and
+    without checkpointing: outputs and gradients equal those over fresh dense weights."""
+    qs = [nf4.quantize_tensor(torch.randn(64, 64, generator=_gen(i))) for i in range(2)]
+    qs.append(nf4.quantize_tensor(torch.randn(64, 128, generator=_gen(2))))
+    x = torch.randn(4, 128, generator=_gen(3), requires_grad=True)
+    ref_x = x.detach().requires_grad_()
+
+    def net(x, linear):
+        h = linear(x, qs[2])
+        return linear(torch.tanh(linear(h, qs[0])), qs[1])
+
+    def run(x, linear):
+        return checkpoint(net, x, linear, use_reentrant=False) if remat else net(x, linear)
+
+    y = run(x, ops.linear)
+    ref = run(ref_x, lambda x, q: F.linear(x, q.dense()))
+    assert torch.equal(y, ref)
+    g = torch.randn(4, 64, generator=_gen(4))
+    assert torch.equal(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(ref, ref_x, g)[0])
+    assert nf4._SCRATCH.buffers, "the scratch path was not taken"
+
+
+def test_double_backward_through_reused_buffers(scratch_for_every_size):
+    """create_graph=True: the input gradient's own graph keeps its weight, so it must not be a scratch buffer."""
+    qs = [nf4.quantize_tensor(torch.randn(32, 32, generator=_gen(i))) for i in range(2)]
+    x = torch.randn(3, 32, generator=_gen(2), requires_grad=True)
+    ref_x = x.detach().requires_grad_()
+    y = ops.linear(torch.tanh(ops.linear(x, qs[0])), qs[1]).pow(2).sum()
+    ref = F.linear(torch.tanh(F.linear(ref_x, qs[0].dense())), qs[1].dense()).pow(2).sum()
+    (gx,) = torch.autograd.grad(y, x, create_graph=True)
+    (ref_gx,) = torch.autograd.grad(ref, ref_x, create_graph=True)
+    assert torch.equal(gx, ref_gx)
+    assert torch.equal(torch.autograd.grad(gx.sum(), x)[0], torch.autograd.grad(ref_gx.sum(), ref_x)[0])
+
+
+def test_scratch_buffers_are_few_and_only_for_large_cpu_weights():
+    nf4.release_scratch()
+    assert nf4._scratch(1024, torch.float32, torch.device("cpu")) is None  # small: the heap serves it
+    big = nf4.SCRATCH_MIN_BYTES // 4
+    sizes = [big + i for i in range(nf4.SCRATCH_BUFFERS + 2)]
+    first = nf4._scratch(sizes[0], torch.float32, torch.device("cpu"))
+    assert nf4._scratch(sizes[0], torch.float32, torch.device("cpu")) is first  # reused
+    for n in sizes[1:]:
+        nf4._scratch(n, torch.float32, torch.device("cpu"))
+    assert len(nf4._SCRATCH.buffers) == nf4.SCRATCH_BUFFERS
+    assert (sizes[0], torch.float32) not in nf4._SCRATCH.buffers  # least recently used went first
+    nf4.release_scratch()
