@@ -96,6 +96,9 @@ def bf16_support(device: torch.device | str = "cpu", flags: frozenset[str] | set
     if kind != "cpu":
         return f"{native} ({kind})"
     level = cpu_capability(flags)["level"]
+    override = os.environ.get(NATIVE_BF16_ENV, "").strip()
+    if flags is None and override in ("0", "1"):
+        return f"{native} ({NATIVE_BF16_ENV}={override}; the CPU has {level})"
     return f"{native} (CPU with {level}{'' if level in NATIVE_BF16_LEVELS else ' only'})"
 
 

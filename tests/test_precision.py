@@ -42,6 +42,14 @@ def test_native_bf16_reads_the_cpu_flags(monkeypatch):
     assert "no native bf16 (CPU with AVX2 only)" == hardware.bf16_support("cpu", {"avx2"})
 
 
+def test_the_override_is_what_the_header_names(monkeypatch):
+    monkeypatch.setenv(hardware.NATIVE_BF16_ENV, "0")
+    assert not hardware.native_bf16("cpu")
+    assert hardware.bf16_support("cpu").startswith(f"no native bf16 ({hardware.NATIVE_BF16_ENV}=0; the CPU has ")
+    monkeypatch.setenv(hardware.NATIVE_BF16_ENV, "1")
+    assert hardware.bf16_support("cpu").startswith(f"native bf16 ({hardware.NATIVE_BF16_ENV}=1; ")
+
+
 def test_force_dtype_needs_bf16():
     with pytest.raises(ConfigError, match="--force-dtype"):
         pf.config.validate(TrainConfig(dtype="auto", force_dtype=True))
