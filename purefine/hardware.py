@@ -75,6 +75,12 @@ def cpu_capability(flags: frozenset[str] | set[str] | None = None) -> dict[str, 
             "torch": torch_cpu_capability()}
 
 
+def _override(flags: frozenset[str] | set[str] | None) -> str | None:
+    """``PUREFINE_NATIVE_BF16`` ("0" or "1") when it decides for this CPU (no explicit ``flags``), else None."""
+    value = os.environ.get(NATIVE_BF16_ENV, "").strip()
+    return value if flags is None and value in ("0", "1") else None
+
+
 def native_bf16(device: torch.device | str = "cpu", flags: frozenset[str] | set[str] | None = None) -> bool:
     """Whether ``device`` computes bf16 matmuls natively: CUDA with bf16 support, or a CPU whose flags
     (default: this CPU's) include AMX or AVX512-BF16. False for any other device."""
@@ -82,8 +88,8 @@ def native_bf16(device: torch.device | str = "cpu", flags: frozenset[str] | set[
     if kind == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if kind == "cpu":
-        override = os.environ.get(NATIVE_BF16_ENV, "").strip()
-        if flags is None and override in ("0", "1"):
+        override = _override(flags)
+        if override is not None:
             return override == "1"
         return cpu_capability(flags)["level"] in NATIVE_BF16_LEVELS
     return False
@@ -96,8 +102,8 @@ def bf16_support(device: torch.device | str = "cpu", flags: frozenset[str] | set
     if kind != "cpu":
         return f"{native} ({kind})"
     level = cpu_capability(flags)["level"]
-    override = os.environ.get(NATIVE_BF16_ENV, "").strip()
-    if flags is None and override in ("0", "1"):
+    override = _override(flags)
+    if override is not None:
         return f"{native} ({NATIVE_BF16_ENV}={override}; the CPU has {level})"
     return f"{native} (CPU with {level}{'' if level in NATIVE_BF16_LEVELS else ' only'})"
 
