@@ -204,6 +204,19 @@ def test_bad_rows_are_named_or_skipped_and_counted(tmp_path_factory, case):
     check_bad_rows(path, case["fmt"], len(case["rows"]), case["bad"], auto)
 
 
+@pytest.mark.parametrize("kind", ["jsonl", "json"])
+@pytest.mark.parametrize("keys", [("\x00", "\x00\x00"), ("\x00", "")])
+def test_field_names_with_nul_characters_are_read_exactly(tmp_path, kind, keys):
+    # found by the fuzz test above: Arrow cuts field names at NUL, so these columns did not read back
+    # (a ValueError or KeyError from datasets); a one-row JSON Lines file included
+    good = {"instruction": "a", "output": "b"}
+    bad = {**good, "input": dict.fromkeys(keys, 1)}
+    for rows, bad_rows in (([bad], [0]), ([good, bad], [1]), ([bad, good, good], [0])):
+        directory = tmp_path / f"{len(rows)}-{bad_rows[0]}"
+        directory.mkdir()
+        check_bad_rows(write_rows(directory, kind, rows), "alpaca", len(rows), bad_rows, auto=True)
+
+
 def _format_columns(fmt: str) -> tuple[str, ...]:
     return {"alpaca": ("instruction", "output"), "chat": ("messages",), "text": ("text",),
             "preference": ("chosen", "rejected")}[fmt]

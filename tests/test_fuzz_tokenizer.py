@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from purefine.data import DEMO_TOKENIZER, load_tokenizer
+from purefine.errors import TokenizerError
 from tests.fuzz_common import Blob, deep_json, fuzz_settings, junk, refuses, report, tolerates
 
 MINIMUM = 250  # malformed tokenizer cases this module must refuse
@@ -162,6 +163,15 @@ def test_junk_inside_tokenizer_json_loads_or_is_refused(hf_json, tmp_path_factor
         d[key] = data.draw(junk(4))
     directory = write(tmp_path_factory.mktemp("hf"), {"tokenizer.json": json.dumps(d).encode()})
     tolerates("tokenizer.hf-junk", lambda: use(directory), {key: d[key]})
+
+
+def test_a_file_the_tokenizers_library_panics_on_is_a_tokenizer_error(hf_json, tmp_path):
+    # found by the fuzz test above: tokenizers loads this file, then panics (a BaseException) in encode
+    d = json.loads(hf_json)
+    d["normalizer"] = [""]
+    directory = write(tmp_path, {"tokenizer.json": json.dumps(d).encode()})
+    with pytest.raises(TokenizerError, match="tokenizer.json: the tokenizers library failed"):
+        use(directory)
 
 
 ROLES = ("bos_token", "eos_token", "pad_token", "unk_token", "cls_token", "sep_token", "mask_token")

@@ -129,6 +129,11 @@ def test_bf16_on_a_cpu_without_it_says_so_and_computes_in_fp32(tmp_path, monkeyp
 
 # ---------------------------------------------------------------------------------------------- compile
 
+AVX2_KERNELS = hardware.torch_cpu_capability() == "AVX2"
+INDUCTOR_AVX2 = "torch.compile's AVX2 CPU code gives NaN for this two-layer LoRA loss (torch 2.13); --compile is refused there"
+
+
+@pytest.mark.xfail(AVX2_KERNELS, reason=INDUCTOR_AVX2, strict=False)
 def test_compiled_loss_matches_eager_over_three_steps():
     """Losses and every adapter gradient agree within 1e-5 at each of 3 steps along one trajectory."""
     cfg = pf.models.preset("llama-debug")
@@ -151,6 +156,7 @@ def test_compiled_loss_matches_eager_over_three_steps():
         state, _ = step(state, batch)
 
 
+@pytest.mark.skipif(AVX2_KERNELS, reason=INDUCTOR_AVX2 + " (the next test checks the refusal)")
 def test_compile_through_the_train_recipe_prints_its_warm_up_and_trains_as_eager(tmp_path, capsys):
     eager = main(demo(tmp_path / "eager", max_steps=3, dtype="fp32"))
     compiled = main(demo(tmp_path / "compiled", max_steps=3, dtype="fp32", compile=True))
@@ -158,3 +164,11 @@ def test_compile_through_the_train_recipe_prints_its_warm_up_and_trains_as_eager
     assert compiled["losses"] == pytest.approx(eager["losses"], rel=1e-5)
     with pytest.raises(ConfigError, match="--compile: not with --parallel.pp"):
         pf.config.validate(TrainConfig(compile=True, parallel=pf.config.ParallelConfig(pp=2)))
+
+
+def test_compile_is_refused_where_torch_dispatches_avx2_kernels(tmp_path, monkeypatch):
+    monkeypatch.setattr(hardware, "torch_cpu_capability", lambda: "AVX2")
+    with pytest.raises(ConfigError, match="--compile: not on this CPU"):
+        main(demo(tmp_path / "compiled", max_steps=1, dtype="fp32", compile=True))
+    assert not (tmp_path / "compiled").exists()  # refused before anything is written
+    setup.check_compile(TrainConfig(), torch.device("cpu"))  # without --compile: nothing to refuse

@@ -22,7 +22,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,18 @@ def _token_text(value: Any, where: str) -> str | None:
     raise TokenizerError(f"{where}: expected a token string or {{'content': ...}}, found {value!r}")
 
 
+def _guarded(path: Path, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args)`` of the Rust backend, a panic in it (pyo3's PanicException, a BaseException: a malformed
+    file the loader accepted, e.g. ``"normalizer": [""]``, fails at its first encode) a TokenizerError naming ``path``."""
+    try:
+        return fn(*args, **kwargs)
+    except BaseException as e:
+        if type(e).__name__ != "PanicException":
+            raise
+        raise TokenizerError(f"{path}: the tokenizers library failed on this tokenizer.json "
+                             f"({' '.join(str(e).split())})") from None
+
+
 class HFTokenizer:
     """A ``tokenizer.json`` tokenizer with the ``purefine.data.tokenizer.Tokenizer`` interface."""
 
@@ -64,7 +76,7 @@ class HFTokenizer:
             raise TokenizerError(f"{file}: tokenizer.json not found")
         self.path = file
         try:
-            self.backend = _Backend.from_file(str(file))
+            self.backend = _guarded(file, _Backend.from_file, str(file))
         except Exception as e:  # tokenizers raises a bare Exception on malformed files
             raise TokenizerError(f"{file}: not a valid Hugging Face tokenizer.json ({' '.join(str(e).split())})") from None
         config = self._read_configs(file.parent)
@@ -130,7 +142,7 @@ class HFTokenizer:
         """Text -> ids (no template tokens), with the bos / eos id added when asked and defined."""
         if not isinstance(text, str):
             raise TokenizerError(f"{self.path}: encode expects a string, found {type(text).__name__}")
-        return with_bos_eos(self, self.backend.encode(text, add_special_tokens=False).ids if text else [], bos, eos)
+        return with_bos_eos(self, self._encode(text).ids if text else [], bos, eos)
 
     def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         """(ids (n,), (start, end) character offsets of each token (n,)) of ``text``, as ``encode``."""
@@ -138,17 +150,20 @@ class HFTokenizer:
             raise TokenizerError(f"{self.path}: encode expects a string, found {type(text).__name__}")
         if not text:
             return [], []
-        encoding = self.backend.encode(text, add_special_tokens=False)
+        encoding = self._encode(text)
         return list(encoding.ids), [tuple(o) for o in encoding.offsets]
 
     def decode(self, ids: Sequence[int]) -> str:
         """Ids -> text, special tokens dropped. Out-of-range ids are an error, not silently dropped."""
         ids = checked_ids(self, ids)
-        text = self.backend.decode(ids, skip_special_tokens=True)
+        text = _guarded(self.path, self.backend.decode, ids, skip_special_tokens=True)
         if self.cleanup:
             for old, new in CLEANUPS:
                 text = text.replace(old, new)
         return text
+
+    def _encode(self, text: str) -> Any:
+        return _guarded(self.path, self.backend.encode, text, add_special_tokens=False)
 
     def token_to_id(self, token: str) -> int | None:
         """The id of one whole token string, or None when the vocabulary lacks it."""

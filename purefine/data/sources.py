@@ -179,6 +179,8 @@ def _read_json_rows(path: Path) -> list[Any] | None:
         text = f.read()
     try:
         whole = json.loads(text)
+        if isinstance(whole, dict) and ".jsonl" in path.name.lower():
+            return [whole]  # a JSON Lines file of one row
         return whole if isinstance(whole, list) else None
     except json.JSONDecodeError:
         return [json.loads(line) for line in text.splitlines() if line.strip()]
@@ -189,10 +191,11 @@ def exact_json_columns(rows: datasets.Dataset, source: str) -> tuple[datasets.Da
 
     A column that mixes types (strings in some rows, numbers or lists in others) is read as a
     ``Json`` feature that turns strings such as ``"3"`` into ``3``, so a row check would blame the
-    wrong rows. For a local json / jsonl ``source``, such columns are re-read with Python's json and
-    stored as JSON text; returns the rows and those column names (decode them with ``json.loads``).
+    wrong rows. A nested column with a NUL character in a field name does not read back at all
+    (``_nul_keys``). For a local json / jsonl ``source``, such columns are re-read with Python's json
+    and stored as JSON text; returns the rows and those column names (decode them with ``json.loads``).
     """
-    mixed = [name for name, feature in rows.features.items() if isinstance(feature, datasets.Json)]
+    mixed = [name for name, feature in rows.features.items() if isinstance(feature, datasets.Json) or _nul_keys(feature)]
     if not mixed or not is_single_file(source) or file_builder(Path(source).expanduser()) != "json":
         return rows, ()
     try:
@@ -209,6 +212,17 @@ def exact_json_columns(rows: datasets.Dataset, source: str) -> tuple[datasets.Da
         else:
             rows = rows.remove_columns(name).add_column(name, values, feature=datasets.Value("string"))
     return rows, tuple(mixed)
+
+
+def _nul_keys(feature: Any) -> bool:
+    """Whether a nested feature has a field name with a NUL character: Arrow's C++ side cuts names
+    there, so such a column does not read back (colliding names, missing keys) and is re-read exactly."""
+    if isinstance(feature, dict):
+        return any("\x00" in k or _nul_keys(v) for k, v in feature.items())
+    if isinstance(feature, (list, tuple)):
+        return any(_nul_keys(v) for v in feature)
+    inner = getattr(feature, "feature", None)  # Sequence / List
+    return inner is not None and _nul_keys(inner)
 
 
 @functools.lru_cache(maxsize=16)

@@ -77,6 +77,15 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def check_compile(cfg: TrainConfig, device: torch.device) -> None:
+    """``--compile`` on a CPU where torch dispatches AVX2 kernels (no AVX-512) is refused: inductor's AVX2
+    code gave NaN losses and gradients for a two-layer LoRA loss that runs finite eagerly (torch 2.13,
+    tests/test_precision.py), and compiling did not pay on CPU where it worked (docs/performance.md)."""
+    if cfg.compile and device.type == "cpu" and hardware.torch_cpu_capability() == "AVX2":
+        raise ConfigError(f"--compile: not on this CPU (torch {torch.__version__} dispatches AVX2 kernels): torch.compile's "
+                          "AVX2 code gave NaN gradients for LoRA losses that are finite eagerly; run without --compile")
+
+
 @dataclass(frozen=True)
 class Precision:
     """How a run computes and stores: ``compute`` the activations' dtype, ``frozen`` the storage of the
