@@ -232,7 +232,8 @@ class _NF4Linear(torch.autograd.Function):
 
     @staticmethod
     def forward(x: torch.Tensor, bias: torch.Tensor | None, q: NF4, *children: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, dequantize_tensor(q, x.dtype, scratch=_reusable(x)), bias)
+        # a scratch buffer only for plain eager tensors (no DTensor, no torch.func transform)
+        return F.linear(x, dequantize_tensor(q, x.dtype, scratch=_plain(x)), bias)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
@@ -247,16 +248,11 @@ class _NF4Linear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             q = NF4(*children, ctx.shape, ctx.dtype)
             # under create_graph the matmul would save its weight: then the weight must be its own
-            scratch = _reusable(grad_out) and not torch.is_grad_enabled()
+            scratch = _plain(grad_out) and not torch.is_grad_enabled()
             grad_x = grad_out.matmul(dequantize_tensor(q, grad_out.dtype, scratch=scratch))
         if ctx.needs_input_grad[1]:
             grad_bias = grad_out.sum(dim=tuple(range(grad_out.dim() - 1)))
         return (grad_x, grad_bias, None) + (None,) * len(children)
-
-
-def _reusable(x: torch.Tensor) -> bool:
-    """A dequantized weight may go to a scratch buffer: eager, a plain tensor, no torch.func transform."""
-    return _plain(x)
 
 
 def linear(x: torch.Tensor, q: NF4, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -43,8 +43,9 @@ def main(cfg: TrainConfig) -> dict:
     cfg = validate(cfg)
     if cfg.allocator == "lean":
         limit_heap_fragmentation()
-    setup.check_compile(cfg, setup.pick_device(cfg.device))
-    layout = shard.layout(cfg.parallel, setup.pick_device(cfg.device))  # torchrun: process group and mesh
+    device = setup.pick_device(cfg.device)
+    setup.check_compile(cfg, device)
+    layout = shard.layout(cfg.parallel, device)  # torchrun: process group and mesh
     if cfg.output_dir is None:  # rank 0 names the new run's directory, every rank uses it
         cfg = dataclasses.replace(cfg, output_dir=setup.same_on_every_rank(setup.default_output_dir(cfg)))
     out = setup.claim_output_dir(cfg) if layout.is_main else Path(cfg.output_dir)
