@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from purefine.ops import IGNORE_INDEX, linear
+from purefine.ops import IGNORE_INDEX, linear, mm_w, mm_wt
 
 # The most logits one cross-entropy chunk holds (elements): 32 MiB in float32, whatever the vocabulary.
 LOGITS_BUDGET = 1 << 23
@@ -52,7 +52,9 @@ def _linear_cross_entropy(h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor
 
     The blocks live in buffers allocated once per call and reused by every chunk (a block of a large
     vocabulary is tens of MiB: allocated per chunk, each one would be fresh pages from the OS); the
-    gradient matmuls write straight into ``grad_h`` and a reused (V, D) buffer.
+    gradient matmuls write straight into ``grad_h`` and a reused (V, D) buffer. A frozen ``w`` stored in
+    a lower precision than ``h`` (bf16 under fp32 compute) is upcast a block of rows at a time
+    (``ops.mm_wt``), never whole.
     """
     n, v = h.shape[0], w.shape[0]
     rows = min(chunk_size, n)
@@ -68,7 +70,7 @@ def _linear_cross_entropy(h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor
         valid = lc != IGNORE_INDEX
         if not bool(valid.any()):
             continue
-        logits = torch.mm(hc, w.t(), out=logits_buf[: hc.shape[0]])
+        logits = mm_wt(hc, w, out=logits_buf[: hc.shape[0]])
         tanh = None
         if cap is not None:
             tanh = logits.float().div_(cap).tanh_()
@@ -92,7 +94,7 @@ def _linear_cross_entropy(h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor
             if low:
                 d = logits_buf[: hc.shape[0]].copy_(d)
             if need_h:
-                torch.mm(d, w, out=grad_h[start : start + chunk_size])
+                mm_w(d, w, out=grad_h[start : start + chunk_size])
             if need_w:
                 if low:
                     _add_in_slices(grad_w, torch.mm(d.t(), hc, out=gw_buf))

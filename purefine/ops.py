@@ -2,6 +2,8 @@
 
 - ``linear(x, w, bias)``: ``F.linear`` for a tensor weight; a leaf kind (LoRA, NF4) computes its own.
 - ``embedding(tokens, w)``: a row lookup; leaf kinds are densified first.
+- ``mm_wt(x, w)`` / ``mm_w(g, w)``: ``x @ wᵀ`` and ``g @ w`` for a weight stored in a lower precision
+  than x, upcast ``UPCAST_BLOCK_BYTES`` at a time (a frozen bf16 weight computing in fp32).
 - ``rms_norm``: Llama's RMSNorm, in float32 like Hugging Face's, cast back to the input dtype.
 - ``layer_norm``: LayerNorm with weight and bias (GPT-2, BERT).
 - ``rope_inv_freq`` / ``rope_cos_sin`` / ``apply_rope``: rotary embeddings in the HF half-split
@@ -54,6 +56,38 @@ def linear(x: torch.Tensor, w: Any, bias: torch.Tensor | None = None) -> torch.T
     if isinstance(w, torch.Tensor):
         return F.linear(x, w, bias)
     return w.linear(x, bias)
+
+
+# The most of a stored weight that exists upcast at once (a Llama-2-7B output head is 0.5 GB in fp32).
+UPCAST_BLOCK_BYTES = 32 << 20
+
+
+def upcast_rows(w: torch.Tensor, dtype: torch.dtype) -> int:
+    """Rows of ``w`` (out, in) upcast to ``dtype`` per block: all of them when they fit UPCAST_BLOCK_BYTES."""
+    return max(1, UPCAST_BLOCK_BYTES // max(1, w.shape[1] * dtype.itemsize))
+
+
+def mm_wt(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x (N, in) @ w.to(x.dtype)ᵀ -> (N, out) in x's dtype (into ``out`` when given), upcasting w a block
+    of ``upcast_rows`` output rows at a time; one matmul when w is x's dtype or small enough."""
+    rows = upcast_rows(w, x.dtype)
+    if w.dtype == x.dtype or w.shape[0] <= rows:
+        return torch.mm(x, w.to(x.dtype).t(), out=out)
+    out = x.new_empty(x.shape[0], w.shape[0]) if out is None else out
+    for i in range(0, w.shape[0], rows):
+        out[:, i : i + rows] = torch.mm(x, w[i : i + rows].to(x.dtype).t())
+    return out
+
+
+def mm_w(g: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """g (N, out) @ w.to(g.dtype) -> (N, in) (into ``out`` when given), block by block of w's rows like ``mm_wt``."""
+    rows = upcast_rows(w, g.dtype)
+    if w.dtype == g.dtype or w.shape[0] <= rows:
+        return torch.mm(g, w.to(g.dtype), out=out)
+    out = g.new_zeros(g.shape[0], w.shape[1]) if out is None else out.zero_()
+    for i in range(0, w.shape[0], rows):
+        out.addmm_(g[:, i : i + rows], w[i : i + rows].to(g.dtype))
+    return out
 
 
 def embedding(tokens: torch.Tensor, w: Any) -> torch.Tensor:

@@ -6,8 +6,9 @@ half the memory. ``cast(x, dtype)`` — what ``train.cast_params`` and ``LoRA.as
 tensor inside the step — wraps such a frozen matrix in ``Upcast(base, dtype)`` instead of copying it:
 
 - ``linear(x)``: ``x @ base.to(x.dtype)ᵀ`` through an autograd Function that saves the stored
-  weight, never the upcast copy, and upcasts it again in backward for the input gradient. So one
-  layer's fp32 copy exists at a time, as ``NF4`` dequantizes one layer at a time.
+  weight, never the upcast copy, and upcasts it again in backward for the input gradient. A weight
+  larger than ``ops.UPCAST_BLOCK_BYTES`` once upcast is upcast and multiplied a block of output rows
+  at a time (``ops.mm_wt`` / ``ops.mm_w``).
 - ``embed(tokens)``: the rows gathered from the stored table, then upcast.
 - ``dense()``: the whole weight upcast (``ops.embedding`` / merging, where a dense tensor is needed).
 
@@ -22,7 +23,22 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from purefine import tree
+from purefine import ops, tree
+
+
+def _linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x (..., in) @ w.to(x.dtype)ᵀ -> (..., out), w upcast a block at a time (``ops.mm_wt``). The result is
+    a tensor of its own, not a view (LoRA adds its adapter into it in place)."""
+    out = x.new_empty(*x.shape[:-1], w.shape[0])
+    ops.mm_wt(x.reshape(-1, x.shape[-1]), w, out=out.view(-1, w.shape[0]))
+    return out
+
+
+def _input_grad(g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """g (..., out) @ w.to(g.dtype) -> (..., in), w upcast a block at a time (``ops.mm_w``)."""
+    out = g.new_empty(*g.shape[:-1], w.shape[1])
+    ops.mm_w(g.reshape(-1, g.shape[-1]), w, out=out.view(-1, w.shape[1]))
+    return out
 
 
 class _UpcastLinear(torch.autograd.Function):
@@ -31,12 +47,12 @@ class _UpcastLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(w)
-        return F.linear(x, w.to(x.dtype))
+        return _linear(x, w)
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> tuple[Any, ...]:
         (w,) = ctx.saved_tensors
-        return (g @ w.to(g.dtype) if ctx.needs_input_grad[0] else None), None
+        return (_input_grad(g, w) if ctx.needs_input_grad[0] else None), None
 
 
 @dataclass(frozen=True)
@@ -55,8 +71,10 @@ class Upcast:
         """x (..., in) -> (..., out) in x's dtype; the bias (out,) is upcast too."""
         if torch.compiler.is_compiling() or _functorch_active():
             y = F.linear(x, self.base.to(x.dtype))
-        else:
+        elif torch.is_grad_enabled() and x.requires_grad:
             y = _UpcastLinear.apply(x, self.base)
+        else:
+            y = _linear(x, self.base)
         return y if bias is None else y + bias.to(y.dtype)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -78,6 +78,39 @@ def test_upcast_computes_like_an_fp32_copy_and_saves_only_the_stored_weight():
     assert upcast.cast(w, BF16) is w and upcast.cast(w.float().requires_grad_(), BF16).dtype == BF16
 
 
+@pytest.mark.parametrize("block_rows", [7, 16, 48])
+def test_upcast_linear_in_row_blocks_equals_the_whole_weight(monkeypatch: pytest.MonkeyPatch, block_rows: int):
+    """A weight larger than ops.UPCAST_BLOCK_BYTES upcast is multiplied block by block of output rows (an
+    uneven last block included): the same output and input gradient as one fp32 copy, with or without
+    grad; and the chunked cross-entropy over such a stored head equals the one over its fp32 copy."""
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(48, 32, generator=gen).bfloat16()
+    x = torch.randn(2, 5, 32, generator=gen, requires_grad=True)
+    monkeypatch.setattr(pf.ops, "UPCAST_BLOCK_BYTES", block_rows * 32 * 4)
+    assert pf.ops.upcast_rows(w, FP32) == block_rows
+    y = pf.ops.linear(x, upcast.cast(w, FP32))
+    g = torch.randn(y.shape, generator=gen)
+    (gx,) = torch.autograd.grad(y, [x], g)
+    ref_x = x.detach().requires_grad_()
+    ref = torch.nn.functional.linear(ref_x, w.float())
+    (ref_gx,) = torch.autograd.grad(ref, [ref_x], g)
+    torch.testing.assert_close(y, ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gx, ref_gx, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(pf.ops.linear(x, upcast.cast(w, FP32)), ref, rtol=1e-6, atol=1e-6)
+    h = torch.randn(10, 32, generator=gen, requires_grad=True)
+    labels = torch.randint(0, 48, (10,), generator=gen)
+    labels[3] = -100
+    loss, count = pf.losses.chunked_cross_entropy(h, w, labels, chunk_size=4)  # stored bf16, fp32 compute
+    (gh,) = torch.autograd.grad(loss, [h])
+    ref_h = h.detach().requires_grad_()
+    ref_loss = torch.nn.functional.cross_entropy(ref_h @ w.float().t(), labels, reduction="sum")
+    (ref_gh,) = torch.autograd.grad(ref_loss, [ref_h])
+    assert int(count) == 9
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gh, ref_gh, rtol=1e-5, atol=1e-5)
+
+
 def test_bf16_stored_lora_model_matches_its_fp32_upcast():
     """A LoRA step over bf16-stored frozen weights computing in fp32 equals fp32 storage of the same values."""
     cfg = pf.models.preset("llama-debug")

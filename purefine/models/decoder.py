@@ -180,8 +180,8 @@ def lm_loss(fam: Family, cfg: Any, params: dict, h: torch.Tensor, labels: torch.
             gather: Gather | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Hidden states (B, T, D), labels (B, T) already shifted -> (summed next-token loss fp32, count)."""
     w = (gather or _same)(fam.output_weight(cfg, params))
-    if isinstance(w, upcast.Upcast):  # frozen, stored in bf16: one whole upcast copy, alive for the loss only
-        w = w.dense()
+    if isinstance(w, upcast.Upcast):  # frozen, stored in bf16: the chunked loss upcasts it a block at a time
+        w = w.base if type(w.base) is torch.Tensor else w.dense()  # a DTensor (tensor parallel): whole
     return losses.chunked_cross_entropy(h.reshape(-1, h.shape[-1]), w, labels.reshape(-1), chunk_size=chunk_size,
                                         softcap=cfg.logit_softcap)
 
