@@ -11,7 +11,8 @@
   fp32 there.
 - ``matmul_peak(dtype)``: the best FLOP/s of square matmuls in ``dtype``, measured now, the
   denominator of MFU; the size adapts so that a slow (emulated) dtype still measures in about a second.
-- ``machine(threads)``: the record printed beside every benchmark table.
+- ``machine(threads, device=...)``: the record printed beside every benchmark table (on CUDA: the GPU's
+  name and memory too, and the peaks measured on it).
 """
 
 from __future__ import annotations
@@ -108,12 +109,20 @@ def bf16_support(device: torch.device | str = "cpu", flags: frozenset[str] | set
     return f"{native} (CPU with {level}{'' if level in NATIVE_BF16_LEVELS else ' only'})"
 
 
+def synchronize(device: torch.device | str) -> None:
+    """Wait for ``device``'s queued work (CUDA kernels run asynchronously); nothing to wait for on CPU."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _best_seconds(a: torch.Tensor, b: torch.Tensor, repeats: int, budget_s: float) -> float:
     """The fastest of up to ``repeats`` timed ``a @ b`` (stopping once ``budget_s`` is spent)."""
     best, spent = float("inf"), 0.0
     for _ in range(repeats):
+        synchronize(a.device)
         t0 = time.perf_counter()
         torch.mm(a, b)
+        synchronize(a.device)
         elapsed = time.perf_counter() - t0
         best, spent = min(best, elapsed), spent + elapsed
         if spent > budget_s:
@@ -142,16 +151,23 @@ def matmul_peak(dtype: torch.dtype = torch.float32, *, max_n: int = 2048, repeat
     return 2 * n**3 / _best_seconds(a, b, repeats, budget_s)
 
 
-def machine(threads: int | None = None, *, peaks: bool = True) -> dict[str, Any]:
-    """The machine beside a benchmark: CPU model, capability, threads, torch version, native bf16, and
-    (with ``peaks``) the measured fp32 and bf16 matmul peaks in GFLOP/s."""
+def machine(threads: int | None = None, *, peaks: bool = True, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """The machine beside a benchmark: CPU model, capability, threads, torch version, the device the
+    benchmark runs on, native bf16 there, and (with ``peaks``) the fp32 and bf16 matmul peaks measured
+    on that device in GFLOP/s. On CUDA also ``gpu`` (its name) and ``gpu_memory_gib``; its peaks
+    come from matmuls of up to 8192 x 8192, since a GPU finishes a 2048 one in microseconds."""
     if threads:
         torch.set_num_threads(threads)
+    device = torch.device(device)
     out: dict[str, Any] = {"cpu": cpu_model(), "capability": cpu_capability(), "threads": torch.get_num_threads(),
-                           "torch": torch.__version__, "native_bf16": native_bf16("cpu")}
+                           "torch": torch.__version__, "device": device.type, "native_bf16": native_bf16(device)}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        out |= {"gpu": props.name, "gpu_memory_gib": round(props.total_memory / 2**30, 1)}
     if peaks:
-        out["peak_gflops"] = {"fp32": round(matmul_peak(torch.float32) / 1e9, 1),
-                              "bf16": round(matmul_peak(torch.bfloat16) / 1e9, 1)}
+        max_n = 8192 if device.type == "cuda" else 2048
+        out["peak_gflops"] = {name: round(matmul_peak(dtype, max_n=max_n, device=device) / 1e9, 1)
+                              for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
     return out
 
 
@@ -159,8 +175,13 @@ def describe(m: dict[str, Any]) -> str:
     """One line for a ``machine()`` record: "Intel Xeon ... | AMX (torch AVX512) | 2 threads | torch 2.13.0 |
     peak fp32 290 / bf16 1590 GFLOP/s"."""
     cap = m["capability"]
-    parts = [m["cpu"], f"{cap['level']} (torch {cap['torch']}; native bf16: {'yes' if m['native_bf16'] else 'no'})",
-             f"{m['threads']} threads", f"torch {m['torch']}"]
+    native = f"native bf16: {'yes' if m['native_bf16'] else 'no'}"
+    if "gpu" in m:
+        parts = [f"{m['gpu']} ({m['gpu_memory_gib']:g} GiB; {native})",
+                 f"host {m['cpu']} ({cap['level']}), {m['threads']} threads", f"torch {m['torch']}"]
+    else:
+        parts = [m["cpu"], f"{cap['level']} (torch {cap['torch']}; {native})", f"{m['threads']} threads",
+                 f"torch {m['torch']}"]
     if "peak_gflops" in m:
         parts.append(f"matmul peak fp32 {m['peak_gflops']['fp32']:,.0f} / bf16 {m['peak_gflops']['bf16']:,.0f} GFLOP/s")
     return " | ".join(parts)

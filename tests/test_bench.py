@@ -75,7 +75,7 @@ def test_compare_takes_the_faster_and_the_leaner_peer() -> None:
     hf = {"tokens_per_s": 400.0, "peak_rss_bytes": 4000, "loss_first": 7.0, "loss_final": 6.4}
     tt = {"tokens_per_s": 200.0, "peak_rss_bytes": 2000, "loss_first": 7.1, "loss_final": 6.5}
     c = bench_report.compare({"purefine": pf, "hf": hf, "torchtune": tt, "other": {"unavailable": "no"}})
-    assert c["tokens_per_s"] == 0.75 and c["peak_rss"] == 0.5
+    assert c["tokens_per_s"] == 0.75 and c["peak_memory"] == 0.5 and c["memory"] == "peak_rss_bytes"
     assert c["loss_diff"]["hf"]["final"] == pytest.approx(0.1) and c["loss_diff"]["torchtune"]["first"] == pytest.approx(0.1)
     assert bench_report.compare({"purefine": pf, "hf": {"unavailable": "x"}})["tokens_per_s"] is None
 
@@ -103,6 +103,71 @@ def test_missing_torchtune_is_skipped_with_a_note(monkeypatch: pytest.MonkeyPatc
     workloads, sides, notes = bench.check(bench.BenchConfig(against=("hf", "torchtune")))
     assert sides == ["purefine", "hf"] and [w.case for w in workloads] == list(bench.COMPARE_CASES)
     assert any("torchtune is not installed" in n for n in notes)
+
+
+# ------------------------------------------------------------------------------------------ devices
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_device_flag_picks_the_cpu_here_and_refuses_what_torch_cannot_use(capsys: pytest.CaptureFixture) -> None:
+    from purefine.cli import main
+
+    assert bench.resolve_device("auto") == "cpu" and bench.resolve_device("cpu") == "cpu"
+    workloads, _, _ = bench.check(bench.BenchConfig(against=("hf",), device="auto"))
+    assert [w.case for w in workloads] == list(bench.COMPARE_CASES)  # the GPU cases only on a GPU
+    for bad, why in (("tpu", "expected cpu, cuda"), ("nonsense:3", "expected cpu, cuda"), ("cuda", "no CUDA GPU")):
+        with pytest.raises(ConfigError, match=f"--device {bad!r}|--device {bad}"):
+            bench.resolve_device(bad)
+        with pytest.raises(SystemExit) as e:
+            main(["bench", "--device", bad, "--cases", "llama-tiny/lora/fp32"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and why in err[0], err
+
+
+def test_gpu_cases_parse_and_a_gpu_report_compares_gpu_memory() -> None:
+    assert [parse(c).batch_size * parse(c).seq_len for c in bench.GPU_CASES] == [2048, 4096, 4096, 4096]
+    run = {"library": "x", "losses": [7.0, 6.9], "step_seconds": [0.5], "weights_bytes": 1, "setup_rss_bytes": 10,
+           "peak_rss_bytes": 100}
+    pf = bench_report.side_summary([run | {"peak_device_bytes": 2_000_000}], tokens=4096, trained=4092, flops=1e9, peak=1e12)
+    hf = bench_report.side_summary([run | {"peak_device_bytes": 8_000_000, "step_seconds": [1.0]}], tokens=4096,
+                                   trained=4092, flops=1e9, peak=1e12)
+    c = bench_report.compare({"purefine": pf, "hf": hf}, bench_report.memory_key("cuda"))
+    assert c["memory"] == "peak_device_bytes" and c["peak_memory"] == 0.25 and c["tokens_per_s"] == 2.0
+    assert bench_report.compare({"purefine": pf, "hf": hf})["peak_memory"] == 1.0  # RSS: 100 and 100
+    machine = {"cpu": "host", "capability": {"level": "AVX2", "torch": "AVX2"}, "threads": 16, "torch": "2.x",
+               "device": "cuda", "native_bf16": True, "gpu": "NVIDIA H100 80GB HBM3", "gpu_memory_gib": 79.2}
+    report = {"machine": machine, "sides": ["purefine", "hf"], "notes": [],
+              "settings": {"steps": 5, "warmup": 2, "rounds": 1},
+              "cases": [{"case": "llama3.2-1b/lora/bf16", "batch": [4, 1024], "sides": {"purefine": pf, "hf": hf},
+                         "compare": c}]}
+    out = bench_report.markdown(report)
+    assert "| workload | purefine tok/s (peak GPU MB) | HF PEFT tok/s (peak GPU MB) | ratio tokens/s | ratio GPU |" in out
+    assert "| llama3.2-1b/lora/bf16 (4×1024) | 8,192 (2) | 4,096 (8) | 2.00× | 0.25× |" in out
+    assert "Machine: NVIDIA H100 80GB HBM3 (79.2 GiB; native bf16: yes) | host host (AVX2), 16 threads" in out
+    assert "÷ leaner peer (GPU memory)" in out
+
+
+@pytest.mark.slow
+def test_gpu_bench_script_runs_its_plumbing_on_the_cpu(tmp_path: Path) -> None:
+    """scripts/gpu_bench.sh end to end with its device, cases and model swapped for a CPU-sized run: the
+    bench's JSON with both sides and the QLoRA run's per-step lines come back under $OUT."""
+    pytest.importorskip("peft")
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = os.environ | {"OUT": str(tmp_path), "GPU_BENCH_DEVICE": "cpu", "GPU_BENCH_CASES": "llama-tiny/lora/fp32",
+                        "GPU_BENCH_MODEL": "llama-tiny", "GPU_BENCH_PYTHON": sys.executable, "GPU_BENCH_WHEELS": "none",
+                        "GPU_BENCH_TIMEOUT": "100000", "GPU_BENCH_7B_TIMEOUT": "100000"}
+    out = subprocess.run(["bash", str(root / "scripts" / "gpu_bench.sh")], cwd=root, env=env, capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    report = json.loads((tmp_path / "gpu_bench.json").read_text())
+    assert report["machine"]["device"] == "cpu" and [c["case"] for c in report["cases"]] == ["llama-tiny/lora/fp32"]
+    assert {"purefine", "hf"} <= set(report["cases"][0]["sides"]) and report["cases"][0]["compare"]["tokens_per_s"]
+    steps = [line for line in (tmp_path / "qlora_7b.log").read_text().splitlines() if "QLoRA step" in line]
+    assert len(steps) == 4 and steps[-1].startswith("llama-tiny QLoRA step 4: ")
+    assert "torch " in (tmp_path / "env.txt").read_text()
 
 
 @pytest.mark.skipif(importlib.util.find_spec("torchtune") is not None, reason="torchtune is installed here")

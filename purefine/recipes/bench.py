@@ -6,6 +6,7 @@
     purefine bench                                       # purefine alone on the train cases
     purefine bench --suite parallel                      # 2 processes under torchrun against 1
     purefine bench --suite all                           # + data pipeline, generation and parallel
+    purefine bench --against hf --device cuda            # on a GPU: ~1B Llama LoRA / QLoRA / full bf16 and 134M
 
 Every workload (``bench_workload``) trains on one fixture — a random Llama written once with
 ``checkpoint.save_hf`` and its initial adapter with ``save_peft`` — that every side loads, on the same
@@ -15,6 +16,8 @@ each round (purefine, HF, purefine, HF, ...) so drift hits both. ``bench_report`
 records into tokens/s (one definition with training: every position computed, ``loop.batch_tokens``),
 MFU against the matmul peak measured here (``hardware.matmul_peak``), ratios and the Markdown table,
 printed with the machine (``hardware.machine``) beside it; ``--json PATH`` writes the whole report.
+``--device cuda`` (``auto`` picks it when torch sees a GPU) runs every side on the GPU, compares peak
+GPU memory (``torch.cuda.max_memory_allocated``) instead of RSS, and measures the peaks on the GPU.
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ TRAIN_CASES = (
 )
 COMPARE_CASES = tuple(f"{preset}/{w}" for preset in ("llama-tiny", "llama-134m")
                       for w in ("lora/fp32", "lora/bf16", "qlora/fp32", "full/bf16"))
+# On a GPU: the ~1B model of issue 15's item 6 (Llama-3.2-1B's shape, random weights) and the 134M one.
+GPU_CASES = ("llama-134m/lora/bf16", "llama3.2-1b/lora/bf16", "llama3.2-1b/qlora/bf16", "llama3.2-1b/full/bf16")
 EXTRAS = {"hf": ("transformers", "peft"), "torchtune": ("torchtune",)}
 ERR_EXTRA = "--against hf needs {} (not installed): pip install 'purefine[bench]'"
 
@@ -54,7 +59,10 @@ class BenchConfig:
     """Peers to run the same workloads through: hf (transformers + peft, the bench extra), torchtune (when installed)."""
     cases: tuple[str, ...] = ()
     """Cases preset/mode/dtype[/remat]: mode full, lora or qlora (NF4 base), dtype fp32 or bf16. Default: LoRA fp32
-    and bf16, QLoRA and full bf16 at llama-tiny and llama-134m with --against, else the train cases."""
+    and bf16, QLoRA and full bf16 at llama-tiny and llama-134m with --against, else the train cases; on CUDA:
+    134M LoRA bf16 and llama3.2-1b LoRA, QLoRA and full in bf16."""
+    device: str = "auto"
+    """Where every side runs: cpu, cuda (or cuda:N), or auto (cuda when torch sees a GPU, else cpu)."""
     steps: int = 5
     """Timed steps per run (after the warm-up steps)."""
     warmup: int = 2
@@ -72,6 +80,25 @@ class BenchConfig:
     """Run purefine's loss through torch.compile (the warm-up steps absorb the compile time)."""
 
 
+def resolve_device(name: str) -> str:
+    """``--device`` as torch names it: auto -> cuda when available, else cpu; a device torch cannot use
+    here is a ConfigError naming the flag."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r}: expected cpu, cuda, cuda:N or auto") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {name!r}: expected cpu, cuda, cuda:N or auto")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: torch sees no CUDA GPU here (torch {torch.__version__}, "
+                          f"CUDA {torch.version.cuda or 'none: a CPU-only build'})")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return str(device)
+
+
 def check(cfg: BenchConfig) -> tuple[list[Workload], list[str], list[str]]:
     """(workloads, sides, notes): the flags validated, a missing bench extra as one ConfigError, a peer
     that is not installed left out with a note."""
@@ -80,7 +107,9 @@ def check(cfg: BenchConfig) -> tuple[list[Workload], list[str], list[str]]:
             raise ConfigError(f"{flag}: expected an integer >= {least}, found {value}")
     import purefine as pf
 
-    workloads = [parse(c) for c in (cfg.cases or (COMPARE_CASES if cfg.against else TRAIN_CASES))]
+    default = GPU_CASES if resolve_device(cfg.device).startswith("cuda") else \
+        (COMPARE_CASES if cfg.against else TRAIN_CASES)
+    workloads = [parse(c) for c in (cfg.cases or default)]
     for w in workloads:
         try:
             pf.models.preset(w.preset)  # an unknown preset fails here, before any run
@@ -124,7 +153,8 @@ def write_fixture(root: Path, w: Workload) -> Fixture:
 def measure(side: str, w: Workload, fixture: Fixture, cfg: BenchConfig) -> dict[str, Any]:
     """One run of ``w`` through ``side`` in a fresh process: its record, or {"error": last stderr line}."""
     spec = {"side": side, "case": w.case, **fixture.to_dict(), "steps": cfg.steps, "warmup": cfg.warmup,
-            "threads": cfg.threads, "allocator": cfg.allocator, "compile": cfg.compile}
+            "threads": cfg.threads, "allocator": cfg.allocator, "compile": cfg.compile,
+            "device": resolve_device(cfg.device)}
     out = subprocess.run([sys.executable, "-m", "purefine.recipes.bench_case", json.dumps(spec)],
                          capture_output=True, text=True)
     if out.returncode != 0:
@@ -133,7 +163,8 @@ def measure(side: str, w: Workload, fixture: Fixture, cfg: BenchConfig) -> dict[
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def run_case(w: Workload, sides: list[str], fixture: Fixture, cfg: BenchConfig, peak_gflops: dict) -> dict[str, Any]:
+def run_case(w: Workload, sides: list[str], fixture: Fixture, cfg: BenchConfig, peak_gflops: dict,
+             memory: str = "peak_rss_bytes") -> dict[str, Any]:
     """Every side's runs of ``w`` (alternating, ``cfg.rounds`` each) summarized and compared."""
     import purefine as pf
     from purefine.recipes import bench_report as report
@@ -154,7 +185,7 @@ def run_case(w: Workload, sides: list[str], fixture: Fixture, cfg: BenchConfig, 
     sides_out = {side: report.side_summary(rs, tokens=batch_tokens(batch), trained=trained_tokens(batch), flops=flops,
                                            peak=peak) for side, rs in runs.items()}
     return {"case": w.case, "params": model_cfg.num_params, "batch": [w.batch_size, w.seq_len],
-            "flops_per_token": flops, "sides": sides_out, "compare": report.compare(sides_out)}
+            "flops_per_token": flops, "sides": sides_out, "compare": report.compare(sides_out, memory)}
 
 
 def suites(cfg: BenchConfig) -> dict[str, Any]:
@@ -176,17 +207,19 @@ def suites(cfg: BenchConfig) -> dict[str, Any]:
 def main(cfg: BenchConfig) -> dict:
     """Run the benchmark, print the table (and the suites' JSON), write ``--json``; returns the report."""
     from purefine import fsutil, hardware
-    from purefine.recipes.bench_report import markdown
+    from purefine.recipes.bench_report import markdown, memory_key
 
     workloads, sides, notes = check(cfg)
-    machine = hardware.machine(cfg.threads)
+    device = resolve_device(cfg.device)
+    machine = hardware.machine(cfg.threads, device=device)
     report: dict[str, Any] = {"machine": machine, "sides": sides, "settings": asdict(cfg) | {"recipe": RECIPE},
                               "notes": notes, "cases": []}
     if cfg.suite != "parallel":
         with tempfile.TemporaryDirectory(prefix="purefine-bench-") as tmp:
             for w in workloads:
                 fixture = write_fixture(Path(tmp), w)
-                report["cases"].append(run_case(w, sides, fixture, cfg, machine["peak_gflops"]))
+                report["cases"].append(run_case(w, sides, fixture, cfg, machine["peak_gflops"],
+                                                memory_key(torch.device(device).type)))
         print(markdown(report), flush=True)
     else:
         print(f"Machine: {hardware.describe(machine)}")

@@ -1,7 +1,7 @@
 """One measurement in a fresh process, so its peak resident memory is its own:
 
     python -m purefine.recipes.bench_case '{"side": "purefine", "case": "llama-tiny/lora/fp32", "base": DIR,
-        "adapter": DIR, "steps": 5, "warmup": 2, "threads": 2, "allocator": "fast", "compile": false}'
+        "adapter": DIR, "steps": 5, "warmup": 2, "threads": 2, "allocator": "fast", "compile": false, "device": "cpu"}'
 
 ``side`` is ``purefine``, ``hf`` (transformers + peft, ``bench_hf``) or ``torchtune`` (``bench_torchtune``).
 Prints one JSON line: ``bench_workload.child_result``'s record, or ``{"unavailable": why}`` when the
@@ -22,9 +22,9 @@ from purefine.recipes.bench_workload import RECIPE, Fixture, Unavailable, Worklo
 
 
 def run_purefine(w: Workload, fixture: Fixture, steps: int, warmup: int, allocator: str = "fast",
-                 compile: bool = False) -> dict[str, Any]:
-    """Train ``warmup + steps`` steps of ``w`` through purefine (train's ``--allocator`` policy, the loss
-    compiled with ``compile``); returns the child record."""
+                 compile: bool = False, device: str = "cpu") -> dict[str, Any]:
+    """Train ``warmup + steps`` steps of ``w`` through purefine on ``device`` (train's ``--allocator``
+    policy, the loss compiled with ``compile``); returns the child record."""
     import purefine as pf
     from purefine.logging import limit_heap_fragmentation
 
@@ -32,7 +32,7 @@ def run_purefine(w: Workload, fixture: Fixture, steps: int, warmup: int, allocat
         limit_heap_fragmentation()
     cfg = pf.checkpoint.read_config(fixture.base)[0]
     quantize = pf.models.quantize_pattern(cfg) if w.mode == "qlora" else None
-    cfg, params = pf.checkpoint.load_hf(fixture.base, dtype=w.frozen_dtype, quantize=quantize)
+    cfg, params = pf.checkpoint.load_hf(fixture.base, dtype=w.frozen_dtype, quantize=quantize, device=device)
     trainable = pf.train.all_floating
     if w.adapters:
         params = pf.checkpoint.load_peft(fixture.adapter, params)
@@ -44,7 +44,7 @@ def run_purefine(w: Workload, fixture: Fixture, steps: int, warmup: int, allocat
                               compute_dtype=w.dtype if w.dtype != torch.float32 else None)
     state = pf.train.init(params, opt, trainable=trainable, copy=False)
     del params
-    data = batches(w, cfg.vocab_size, warmup + steps)
+    data = batches(w, cfg.vocab_size, warmup + steps, device)
     setup_rss = resident_bytes()
 
     def one(batch: dict[str, torch.Tensor]) -> float:
@@ -52,7 +52,7 @@ def run_purefine(w: Workload, fixture: Fixture, steps: int, warmup: int, allocat
         state, metrics = step(state, batch)
         return metrics["loss"]
 
-    losses, seconds = run_steps(one, data, warmup)
+    losses, seconds = run_steps(one, data, warmup, device)
     return child_result(f"purefine {pf.__version__}", losses, seconds, weights_bytes=weights, setup_rss_bytes=setup_rss)
 
 
@@ -61,17 +61,20 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
     w, fixture = parse(spec["case"]), Fixture.from_dict(spec)
-    steps, warmup = int(spec["steps"]), int(spec["warmup"])
+    steps, warmup, device = int(spec["steps"]), int(spec["warmup"]), spec.get("device", "cpu")
     try:
         if spec["side"] == "purefine":
-            return run_purefine(w, fixture, steps, warmup, spec.get("allocator", "fast"), bool(spec.get("compile")))
+            return run_purefine(w, fixture, steps, warmup, spec.get("allocator", "fast"), bool(spec.get("compile")),
+                                device)
         if spec["side"] == "hf":
             from purefine.recipes.bench_hf import run_hf
 
-            return run_hf(w, fixture, steps, warmup)
+            return run_hf(w, fixture, steps, warmup, device)
         if spec["side"] == "torchtune":
             from purefine.recipes.bench_torchtune import run_torchtune
 
+            if device != "cpu":
+                raise Unavailable(f"the torchtune side runs on CPU only here (asked: {device})")
             return run_torchtune(w, fixture, steps, warmup)
     except Unavailable as e:
         return {"unavailable": str(e)}

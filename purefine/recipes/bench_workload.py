@@ -32,7 +32,7 @@ import torch
 from purefine.errors import ConfigError
 from purefine.ops import IGNORE_INDEX
 
-SHAPES = {"llama-tiny": (8, 256), "llama-134m": (4, 512)}  # (batch, sequence length)
+SHAPES = {"llama-tiny": (8, 256), "llama-134m": (4, 512), "llama3.2-1b": (4, 1024)}  # (batch, sequence length)
 DEFAULT_SHAPE = (4, 512)
 MODES = ("full", "lora", "qlora")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -85,16 +85,17 @@ def parse(case: str) -> Workload:
     return Workload(case, parts[0], parts[1], parts[2], "remat" in parts[3:], batch_size, seq_len)
 
 
-def batches(workload: Workload, vocab_size: int, n: int) -> list[dict[str, torch.Tensor]]:
-    """``n`` fixed batches: ``tokens`` (B, T) uniform random ids (seeded per batch index) and ``labels``
-    (B, T), the next token at each position and IGNORE_INDEX at the last."""
+def batches(workload: Workload, vocab_size: int, n: int, device: torch.device | str = "cpu") -> list[dict[str, torch.Tensor]]:
+    """``n`` fixed batches on ``device``: ``tokens`` (B, T) uniform random ids (seeded per batch index, drawn
+    on CPU so every device gets the same ids) and ``labels`` (B, T), the next token at each position and
+    IGNORE_INDEX at the last."""
     out = []
     for i in range(n):
         g = torch.Generator().manual_seed(BATCH_SEED + i)
         tokens = torch.randint(0, vocab_size, (workload.batch_size, workload.seq_len), generator=g)
         labels = torch.full_like(tokens, IGNORE_INDEX)
         labels[:, :-1] = tokens[:, 1:]
-        out.append({"tokens": tokens, "labels": labels})
+        out.append({"tokens": tokens.to(device), "labels": labels.to(device)})
     return out
 
 
@@ -117,13 +118,18 @@ class Fixture:
 
 
 def run_steps(step: Callable[[dict[str, torch.Tensor]], float], data: list[dict[str, torch.Tensor]],
-              warmup: int) -> tuple[list[float], list[float]]:
+              warmup: int, device: torch.device | str = "cpu") -> tuple[list[float], list[float]]:
     """Run ``step`` once per batch of ``data``; returns (the loss of every step, the seconds of each step
-    after the first ``warmup``). ``step`` returns the loss as a float, so its work is finished."""
+    after the first ``warmup``). ``step`` returns the loss as a float; on CUDA the clock also waits for
+    the kernels the step queued after its loss (the optimizer update)."""
+    from purefine.hardware import synchronize
+
     losses, seconds = [], []
+    synchronize(device)
     for i, batch in enumerate(data):
         t0 = time.perf_counter()
         losses.append(float(step(batch)))
+        synchronize(device)
         if i >= warmup:
             seconds.append(time.perf_counter() - t0)
     return losses, seconds
@@ -153,9 +159,12 @@ def child_result(library: str, losses: list[float], seconds: list[float], *, wei
                  setup_rss_bytes: int) -> dict[str, Any]:
     """The record a child prints: its library (name and version), every step's loss, the timed steps'
     seconds, the weights' bytes, the resident memory after setup, the peak resident memory (VmHWM)
-    and the thread count."""
+    and the thread count; where CUDA was used, ``peak_device_bytes`` (``torch.cuda.max_memory_allocated``)."""
     from purefine.logging import peak_memory_bytes
 
-    return {"library": library, "losses": losses, "step_seconds": [round(s, 5) for s in seconds],
-            "weights_bytes": weights_bytes, "setup_rss_bytes": setup_rss_bytes,
-            "peak_rss_bytes": peak_memory_bytes(), "threads": torch.get_num_threads()}
+    out = {"library": library, "losses": losses, "step_seconds": [round(s, 5) for s in seconds],
+           "weights_bytes": weights_bytes, "setup_rss_bytes": setup_rss_bytes,
+           "peak_rss_bytes": peak_memory_bytes(), "threads": torch.get_num_threads()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["peak_device_bytes"] = torch.cuda.max_memory_allocated()
+    return out
