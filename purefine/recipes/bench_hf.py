@@ -59,8 +59,12 @@ def quantize_blocks(model: torch.nn.Module) -> None:
 
 def bitsandbytes_config(w: Workload, device: str) -> Any:
     """QLoRA's ``BitsAndBytesConfig`` (NF4, double quantization, compute in the workload's dtype) on CUDA
-    when bitsandbytes is installed; None otherwise (torchao's NF4Tensor is used instead)."""
+    when bitsandbytes is installed and imports; None otherwise (torchao's NF4Tensor is used instead)."""
     if w.mode != "qlora" or torch.device(device).type != "cuda" or importlib.util.find_spec("bitsandbytes") is None:
+        return None
+    try:
+        import bitsandbytes  # noqa: F401  (a build without kernels for this CUDA fails here: torchao instead)
+    except Exception:
         return None
     import transformers
 
