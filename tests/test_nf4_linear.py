@@ -239,6 +239,23 @@ def test_reused_dequantization_buffers_change_no_value(scratch_for_every_size, m
         assert (block_rows * 128, torch.float32) in nf4._SCRATCH.buffers
 
 
+def test_blocked_linear_with_bias_and_batch_dims(scratch_for_every_size, monkeypatch):
+    """A (B, T, in) input and a bias through the row-block path (3 blocks, the last one short): output and
+    the input and bias gradients equal F.linear over the dense weight."""
+    monkeypatch.setattr(nf4, "DEQUANT_BLOCK_BYTES", 16 * 128 * 4)
+    q = nf4.quantize_tensor(torch.randn(40, 128, generator=_gen(5)))
+    assert nf4._block_rows(q, torch.empty(1, 128)) == 16
+    bias = torch.randn(40, generator=_gen(6), requires_grad=True)
+    x = torch.randn(2, 3, 128, generator=_gen(7), requires_grad=True)
+    ref_x, ref_bias = x.detach().requires_grad_(), bias.detach().requires_grad_()
+    y, ref = ops.linear(x, q, bias), F.linear(ref_x, q.dense(), ref_bias)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=5e-5)
+    g = torch.randn(2, 3, 40, generator=_gen(8))
+    got, want = torch.autograd.grad(y, (x, bias), g), torch.autograd.grad(ref, (ref_x, ref_bias), g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=5e-5)
+
+
 def test_double_backward_through_reused_buffers(scratch_for_every_size):
     """create_graph=True: the input gradient's own graph keeps its weight, so it must not be a scratch buffer."""
     qs = [nf4.quantize_tensor(torch.randn(32, 32, generator=_gen(i))) for i in range(2)]
