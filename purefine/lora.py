@@ -131,12 +131,20 @@ class LoRA:
             return y.add_(z, alpha=self.scale)  # y is the base matmul's fresh output, saved by nothing
         return y + self.scale * z
 
+    def _merge_dtype(self) -> torch.dtype:
+        """What W + s·BA is formed in: float32, or float64 for a float64 model (float32 would round it)."""
+        return torch.promote_types(self.dtype, torch.float32)
+
+    def _merge_base(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.base.to(dtype) if isinstance(self.base, torch.Tensor) else self.base.dense(dtype)
+
     def weight_norm(self) -> torch.Tensor:
-        """‖W + s·BA‖ per output row (out,) in float32, without gradient (DoRA section 4.3)."""
+        """‖W + s·BA‖ per output row (out,) in float32 (float64 for a float64 model), without gradient
+        (DoRA section 4.3)."""
+        dtype = self._merge_dtype()
         with torch.no_grad():
-            w = self.base.float() if isinstance(self.base, torch.Tensor) else self.base.dense(torch.float32)
-            delta = self.lora_b.detach().float() @ self.lora_a.detach().float()
-            return torch.linalg.vector_norm(w + self.scale * delta, dim=1)
+            delta = self.lora_b.detach().to(dtype) @ self.lora_a.detach().to(dtype)
+            return torch.linalg.vector_norm(self._merge_base(dtype) + self.scale * delta, dim=1)
 
     def _dora_linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         factor = (self.magnitude / self.weight_norm().to(self.magnitude.dtype)).to(x.dtype)  # (out,)
@@ -161,10 +169,10 @@ class LoRA:
 
     def dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The merged weight (out, in): W + s·BA, or for DoRA (m/‖W + s·BA‖) ⊙ (W + s·BA); differentiable."""
-        w = self.base.float() if isinstance(self.base, torch.Tensor) else self.base.dense(torch.float32)
-        merged = w + self.scale * (self.lora_b.float() @ self.lora_a.float())
+        math = self._merge_dtype()
+        merged = self._merge_base(math) + self.scale * (self.lora_b.to(math) @ self.lora_a.to(math))
         if self.is_dora:
-            merged = (self.magnitude.float() / self.weight_norm())[:, None] * merged
+            merged = (self.magnitude.to(math) / self.weight_norm())[:, None] * merged
         return merged.to(dtype or self.dtype)
 
 
