@@ -54,7 +54,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from purefine import tree
+from purefine import ops, tree
 from purefine.ops import _plain
 from purefine.errors import ConfigError, TreeError
 from purefine.nf4_codec import (  # noqa: F401  (the code's names, re-exported for users of nf4)
@@ -173,15 +173,11 @@ def block_scales(q: NF4, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return scales.to(dtype)
 
 
-def dequantize_tensor(q: NF4, dtype: torch.dtype | None = None, *, scratch: bool = False) -> torch.Tensor:
-    """The weight that ``q`` stands for, of shape ``q.shape`` (e.g. (out, in)), in ``dtype`` (default ``q.dtype``).
-
-    ``scratch=True`` (for a weight that dies with the one matmul it feeds) may decode into a buffer
-    this thread reuses for the next weight of the same size: see ``_scratch``."""
+def dequantize_tensor(q: NF4, dtype: torch.dtype | None = None, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The weight that ``q`` stands for, of shape ``q.shape`` (e.g. (out, in)), in ``dtype`` (default ``q.dtype``),
+    decoded into ``out`` (``q.num_blocks * BLOCK_SIZE`` contiguous elements) when given."""
     dtype = dtype or q.dtype
-    scales = block_scales(q, dtype)
-    out = _scratch(scales.shape[0] * BLOCK_SIZE, dtype, q.codes.device) if scratch else None
-    values = dequantize_blocks(q.codes, scales, dtype, out=out)
+    values = dequantize_blocks(q.codes, block_scales(q, dtype), dtype, out=out)
     return values.view(-1)[: q.numel].view(q.shape)
 
 
@@ -198,12 +194,6 @@ SCRATCH_BUFFERS = 3
 _SCRATCH = threading.local()
 
 
-def _scratch(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
-    if device.type != "cpu" or numel * dtype.itemsize < SCRATCH_MIN_BYTES:
-        return None
-    return _buffer(numel, dtype)
-
-
 def _buffer(numel: int, dtype: torch.dtype) -> torch.Tensor:
     """This thread's CPU buffer of ``numel`` elements of ``dtype`` (kept for the next call of that size)."""
     buffers: dict = _SCRATCH.__dict__.setdefault("buffers", {})
@@ -218,13 +208,13 @@ def _buffer(numel: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _block_rows(q: NF4, x: torch.Tensor) -> int | None:
-    """Output rows of ``q`` (out, in) dequantized per block for a matmul with ``x``, or None for the
-    whole weight at once: a weight smaller than SCRATCH_MIN_BYTES, rows that are not whole NF4 blocks,
-    a GPU, or a tensor that is not plain (DTensor, torch.func)."""
-    if len(q.shape) != 2 or q.shape[1] % BLOCK_SIZE or x.device.type != "cpu" or not _plain(x):
+    """Output rows of ``q`` (out, in) dequantized per block for a matmul with ``x``, or None for a fresh
+    whole weight: a weight smaller than SCRATCH_MIN_BYTES, a GPU, or a tensor that is not plain
+    (DTensor, torch.func). Rows that are not whole NF4 blocks make the whole weight one block."""
+    if len(q.shape) != 2 or x.device.type != "cpu" or not _plain(x) or q.numel * x.dtype.itemsize < SCRATCH_MIN_BYTES:
         return None
-    if q.numel * x.dtype.itemsize < SCRATCH_MIN_BYTES:
-        return None
+    if q.shape[1] % BLOCK_SIZE:
+        return q.shape[0]
     return max(1, DEQUANT_BLOCK_BYTES // (q.shape[1] * x.dtype.itemsize))
 
 
@@ -232,31 +222,16 @@ def _row_blocks(q: NF4, dtype: torch.dtype, rows: int) -> Any:
     """(first row, last row + 1, the rows' weight (rows, in) in ``dtype``) block by block, each block
     decoded into one reused buffer (valid until the next block)."""
     out_f, in_f = q.shape
+    if rows >= out_f:
+        yield 0, out_f, dequantize_tensor(q, dtype, out=_buffer(q.num_blocks * BLOCK_SIZE, dtype))
+        return
     scales, per_row = block_scales(q, dtype), in_f // BLOCK_SIZE
-    buf = _buffer(min(rows, out_f) * in_f, dtype)
+    buf = _buffer(rows * in_f, dtype)
     for r in range(0, out_f, rows):
         r1 = min(r + rows, out_f)
         w = dequantize_blocks(q.codes[r * in_f // 2 : r1 * in_f // 2], scales[r * per_row : r1 * per_row], dtype,
                               out=buf[: (r1 - r) * in_f])
         yield r, r1, w.view(r1 - r, in_f)
-
-
-def _blocked_linear(x: torch.Tensor, q: NF4, rows: int) -> torch.Tensor:
-    """x (..., in) @ Wᵀ -> (..., out), W dequantized ``rows`` output rows at a time."""
-    out = x.new_empty(*x.shape[:-1], q.shape[0])
-    x2, o2 = x.reshape(-1, q.shape[1]), out.view(-1, q.shape[0])
-    for r, r1, w in _row_blocks(q, x.dtype, rows):
-        o2[:, r:r1] = torch.mm(x2, w.t())
-    return out
-
-
-def _blocked_input_grad(g: torch.Tensor, q: NF4, rows: int) -> torch.Tensor:
-    """g (..., out) @ W -> (..., in), W dequantized ``rows`` output rows at a time."""
-    out = g.new_zeros(*g.shape[:-1], q.shape[1])
-    g2, o2 = g.reshape(-1, q.shape[0]), out.view(-1, q.shape[1])
-    for r, r1, w in _row_blocks(q, g.dtype, rows):
-        o2.addmm_(g2[:, r:r1], w)
-    return out
 
 
 def release_scratch() -> None:
@@ -282,11 +257,10 @@ class _NF4Linear(torch.autograd.Function):
     @staticmethod
     def forward(x: torch.Tensor, bias: torch.Tensor | None, q: NF4, *children: torch.Tensor) -> torch.Tensor:
         rows = _block_rows(q, x)
-        if rows is not None:  # a large weight on CPU: block by block, never dense whole
-            y = _blocked_linear(x, q, rows)
-            return y if bias is None else y.add_(bias.to(y.dtype))
-        # a scratch buffer only for plain eager tensors (no DTensor, no torch.func transform)
-        return F.linear(x, dequantize_tensor(q, x.dtype, scratch=_plain(x)), bias)
+        if rows is None:
+            return F.linear(x, dequantize_tensor(q, x.dtype), bias)
+        y = ops.blocks_linear(x, _row_blocks(q, x.dtype, rows), q.shape[0])  # large, on CPU: never dense whole
+        return y if bias is None else y.add_(bias.to(y.dtype))
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
@@ -302,11 +276,10 @@ class _NF4Linear(torch.autograd.Function):
             q = NF4(*children, ctx.shape, ctx.dtype)
             # under create_graph the matmul would save its weight: then the weight must be its own
             rows = _block_rows(q, grad_out) if not torch.is_grad_enabled() else None
-            if rows is not None:
-                grad_x = _blocked_input_grad(grad_out, q, rows)
+            if rows is None:
+                grad_x = grad_out.matmul(dequantize_tensor(q, grad_out.dtype))
             else:
-                scratch = _plain(grad_out) and not torch.is_grad_enabled()
-                grad_x = grad_out.matmul(dequantize_tensor(q, grad_out.dtype, scratch=scratch))
+                grad_x = ops.blocks_input_grad(grad_out, _row_blocks(q, grad_out.dtype, rows), q.shape[1])
         if ctx.needs_input_grad[1]:
             grad_bias = grad_out.sum(dim=tuple(range(grad_out.dim() - 1)))
         return (grad_x, grad_bias, None) + (None,) * len(children)

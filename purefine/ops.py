@@ -3,7 +3,8 @@
 - ``linear(x, w, bias)``: ``F.linear`` for a tensor weight; a leaf kind (LoRA, NF4) computes its own.
 - ``embedding(tokens, w)``: a row lookup; leaf kinds are densified first.
 - ``mm_wt(x, w)`` / ``mm_w(g, w)``: ``x @ wᵀ`` and ``g @ w`` for a weight stored in a lower precision
-  than x, upcast ``UPCAST_BLOCK_BYTES`` at a time (a frozen bf16 weight computing in fp32).
+  than x, upcast ``UPCAST_BLOCK_BYTES`` at a time (a frozen bf16 weight computing in fp32); the
+  ``blocks_*`` products under them take any weight given as blocks of output rows (NF4 decodes its own).
 - ``rms_norm``: Llama's RMSNorm, in float32 like Hugging Face's, cast back to the input dtype.
 - ``layer_norm``: LayerNorm with weight and bias (GPT-2, BERT).
 - ``rope_inv_freq`` / ``rope_cos_sin`` / ``apply_rope``: rotary embeddings in the HF half-split
@@ -67,27 +68,59 @@ def upcast_rows(w: torch.Tensor, dtype: torch.dtype) -> int:
     return max(1, UPCAST_BLOCK_BYTES // max(1, w.shape[1] * dtype.itemsize))
 
 
-def mm_wt(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """x (N, in) @ w.to(x.dtype)ᵀ -> (N, out) in x's dtype (into ``out`` when given), upcasting w a block
-    of ``upcast_rows`` output rows at a time; one matmul when w is x's dtype or small enough."""
-    rows = upcast_rows(w, x.dtype)
-    if w.dtype == x.dtype or w.shape[0] <= rows:
-        return torch.mm(x, w.to(x.dtype).t(), out=out)
-    out = x.new_empty(x.shape[0], w.shape[0]) if out is None else out
+def upcast_blocks(w: torch.Tensor, dtype: torch.dtype) -> Any:
+    """(first row, last row + 1, those rows of ``w`` (out, in) in ``dtype``), ``upcast_rows`` at a time;
+    one block, w itself, when w is ``dtype`` already."""
+    rows = w.shape[0] if w.dtype == dtype else upcast_rows(w, dtype)
     for i in range(0, w.shape[0], rows):
-        out[:, i : i + rows] = torch.mm(x, w[i : i + rows].to(x.dtype).t())
+        yield i, min(i + rows, w.shape[0]), w[i : i + rows].to(dtype)
+
+
+def blocks_mm_t(x: torch.Tensor, blocks: Any, out: torch.Tensor) -> torch.Tensor:
+    """x (N, in) @ Wᵀ into ``out`` (N, out), W given as ``blocks`` of output rows (first, end, rows (r, in))."""
+    for r, r1, w in blocks:
+        if r1 - r == out.shape[1]:  # the whole weight in one block: straight into out
+            return torch.mm(x, w.t(), out=out)
+        out[:, r:r1] = torch.mm(x, w.t())
+        del w  # before the next block is made: one block alive at a time
     return out
+
+
+def blocks_mm(g: torch.Tensor, blocks: Any, out: torch.Tensor) -> torch.Tensor:
+    """g (N, out) @ W into ``out`` (N, in), W given as ``blocks`` of output rows like ``blocks_mm_t``."""
+    for r, r1, w in blocks:
+        if r == 0:  # the first block writes, the others add
+            torch.mm(g[:, r:r1], w, out=out)
+        else:
+            out.addmm_(g[:, r:r1], w)
+        del w  # before the next block is made: one block alive at a time
+    return out
+
+
+def blocks_linear(x: torch.Tensor, blocks: Any, out_features: int) -> torch.Tensor:
+    """x (..., in) @ Wᵀ -> (..., out) for W given in ``blocks``: a tensor of its own, not a view (LoRA adds
+    its adapter into it in place)."""
+    out = x.new_empty(*x.shape[:-1], out_features)
+    blocks_mm_t(x.reshape(-1, x.shape[-1]), blocks, out.view(-1, out_features))
+    return out
+
+
+def blocks_input_grad(g: torch.Tensor, blocks: Any, in_features: int) -> torch.Tensor:
+    """g (..., out) @ W -> (..., in) for W given in ``blocks``."""
+    out = g.new_empty(*g.shape[:-1], in_features)
+    blocks_mm(g.reshape(-1, g.shape[-1]), blocks, out.view(-1, in_features))
+    return out
+
+
+def mm_wt(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x (N, in) @ w.to(x.dtype)ᵀ -> (N, out) in x's dtype (into ``out`` when given), w upcast a block of
+    ``upcast_rows`` output rows at a time; one matmul when w is x's dtype or small enough."""
+    return blocks_mm_t(x, upcast_blocks(w, x.dtype), x.new_empty(x.shape[0], w.shape[0]) if out is None else out)
 
 
 def mm_w(g: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """g (N, out) @ w.to(g.dtype) -> (N, in) (into ``out`` when given), block by block of w's rows like ``mm_wt``."""
-    rows = upcast_rows(w, g.dtype)
-    if w.dtype == g.dtype or w.shape[0] <= rows:
-        return torch.mm(g, w.to(g.dtype), out=out)
-    out = g.new_zeros(g.shape[0], w.shape[1]) if out is None else out.zero_()
-    for i in range(0, w.shape[0], rows):
-        out.addmm_(g[:, i : i + rows], w[i : i + rows].to(g.dtype))
-    return out
+    return blocks_mm(g, upcast_blocks(w, g.dtype), g.new_empty(g.shape[0], w.shape[1]) if out is None else out)
 
 
 def embedding(tokens: torch.Tensor, w: Any) -> torch.Tensor:

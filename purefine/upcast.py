@@ -26,33 +26,19 @@ import torch.nn.functional as F
 from purefine import ops, tree
 
 
-def _linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x (..., in) @ w.to(x.dtype)ᵀ -> (..., out), w upcast a block at a time (``ops.mm_wt``). The result is
-    a tensor of its own, not a view (LoRA adds its adapter into it in place)."""
-    out = x.new_empty(*x.shape[:-1], w.shape[0])
-    ops.mm_wt(x.reshape(-1, x.shape[-1]), w, out=out.view(-1, w.shape[0]))
-    return out
-
-
-def _input_grad(g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """g (..., out) @ w.to(g.dtype) -> (..., in), w upcast a block at a time (``ops.mm_w``)."""
-    out = g.new_empty(*g.shape[:-1], w.shape[1])
-    ops.mm_w(g.reshape(-1, g.shape[-1]), w, out=out.view(-1, w.shape[1]))
-    return out
-
-
 class _UpcastLinear(torch.autograd.Function):
     """x @ w.to(x.dtype)ᵀ for a frozen w, saving w as stored."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(w)
-        return _linear(x, w)
+        return ops.blocks_linear(x, ops.upcast_blocks(w, x.dtype), w.shape[0])
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> tuple[Any, ...]:
         (w,) = ctx.saved_tensors
-        return (_input_grad(g, w) if ctx.needs_input_grad[0] else None), None
+        return (ops.blocks_input_grad(g, ops.upcast_blocks(w, g.dtype), w.shape[1]) if ctx.needs_input_grad[0]
+                else None), None
 
 
 @dataclass(frozen=True)
@@ -71,10 +57,8 @@ class Upcast:
         """x (..., in) -> (..., out) in x's dtype; the bias (out,) is upcast too."""
         if torch.compiler.is_compiling() or _functorch_active():
             y = F.linear(x, self.base.to(x.dtype))
-        elif torch.is_grad_enabled() and x.requires_grad:
-            y = _UpcastLinear.apply(x, self.base)
         else:
-            y = _linear(x, self.base)
+            y = _UpcastLinear.apply(x, self.base)
         return y if bias is None else y + bias.to(y.dtype)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:

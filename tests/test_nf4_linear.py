@@ -239,14 +239,16 @@ def test_reused_dequantization_buffers_change_no_value(scratch_for_every_size, m
         assert (block_rows * 128, torch.float32) in nf4._SCRATCH.buffers
 
 
-def test_blocked_linear_with_bias_and_batch_dims(scratch_for_every_size, monkeypatch):
-    """A (B, T, in) input and a bias through the row-block path (3 blocks, the last one short): output and
-    the input and bias gradients equal F.linear over the dense weight."""
-    monkeypatch.setattr(nf4, "DEQUANT_BLOCK_BYTES", 16 * 128 * 4)
-    q = nf4.quantize_tensor(torch.randn(40, 128, generator=_gen(5)))
-    assert nf4._block_rows(q, torch.empty(1, 128)) == 16
+@pytest.mark.parametrize("width, rows", [(128, 16), (96, 40)])
+def test_blocked_linear_with_bias_and_batch_dims(scratch_for_every_size, monkeypatch, width, rows):
+    """A (B, T, in) input and a bias through the row-block path (3 blocks, the last one short; or, for rows
+    that are not whole NF4 blocks, the whole weight as one block in a reused buffer): output and the
+    input and bias gradients equal F.linear over the dense weight."""
+    monkeypatch.setattr(nf4, "DEQUANT_BLOCK_BYTES", 16 * width * 4)
+    q = nf4.quantize_tensor(torch.randn(40, width, generator=_gen(5)))
+    assert nf4._block_rows(q, torch.empty(1, width)) == rows
     bias = torch.randn(40, generator=_gen(6), requires_grad=True)
-    x = torch.randn(2, 3, 128, generator=_gen(7), requires_grad=True)
+    x = torch.randn(2, 3, width, generator=_gen(7), requires_grad=True)
     ref_x, ref_bias = x.detach().requires_grad_(), bias.detach().requires_grad_()
     y, ref = ops.linear(x, q, bias), F.linear(ref_x, q.dense(), ref_bias)
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=5e-5)
@@ -271,13 +273,13 @@ def test_double_backward_through_reused_buffers(scratch_for_every_size):
 
 def test_scratch_buffers_are_few_and_only_for_large_cpu_weights():
     nf4.release_scratch()
-    assert nf4._scratch(1024, torch.float32, torch.device("cpu")) is None  # small: the heap serves it
+    assert nf4._block_rows(nf4.quantize_tensor(torch.randn(16, 64)), torch.empty(1, 64)) is None  # small: the heap
     big = nf4.SCRATCH_MIN_BYTES // 4
     sizes = [big + i for i in range(nf4.SCRATCH_BUFFERS + 2)]
-    first = nf4._scratch(sizes[0], torch.float32, torch.device("cpu"))
-    assert nf4._scratch(sizes[0], torch.float32, torch.device("cpu")) is first  # reused
+    first = nf4._buffer(sizes[0], torch.float32)
+    assert nf4._buffer(sizes[0], torch.float32) is first  # reused
     for n in sizes[1:]:
-        nf4._scratch(n, torch.float32, torch.device("cpu"))
+        nf4._buffer(n, torch.float32)
     assert len(nf4._SCRATCH.buffers) == nf4.SCRATCH_BUFFERS
     assert (sizes[0], torch.float32) not in nf4._SCRATCH.buffers  # least recently used went first
     nf4.release_scratch()

@@ -28,7 +28,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -151,10 +151,10 @@ def write_fixture(root: Path, w: Workload) -> Fixture:
 
 
 def measure(side: str, w: Workload, fixture: Fixture, cfg: BenchConfig) -> dict[str, Any]:
-    """One run of ``w`` through ``side`` in a fresh process: its record, or {"error": last stderr line}."""
+    """One run of ``w`` through ``side`` in a fresh process, on ``cfg.device`` as ``resolve_device`` names it:
+    its record, or {"error": last stderr line}."""
     spec = {"side": side, "case": w.case, **fixture.to_dict(), "steps": cfg.steps, "warmup": cfg.warmup,
-            "threads": cfg.threads, "allocator": cfg.allocator, "compile": cfg.compile,
-            "device": resolve_device(cfg.device)}
+            "threads": cfg.threads, "allocator": cfg.allocator, "compile": cfg.compile, "device": cfg.device}
     out = subprocess.run([sys.executable, "-m", "purefine.recipes.bench_case", json.dumps(spec)],
                          capture_output=True, text=True)
     if out.returncode != 0:
@@ -210,8 +210,8 @@ def main(cfg: BenchConfig) -> dict:
     from purefine.recipes.bench_report import markdown, memory_key
 
     workloads, sides, notes = check(cfg)
-    device = resolve_device(cfg.device)
-    machine = hardware.machine(cfg.threads, device=device)
+    cfg = replace(cfg, device=resolve_device(cfg.device))  # what every run and the report use
+    machine = hardware.machine(cfg.threads, device=cfg.device)
     report: dict[str, Any] = {"machine": machine, "sides": sides, "settings": asdict(cfg) | {"recipe": RECIPE},
                               "notes": notes, "cases": []}
     if cfg.suite != "parallel":
@@ -219,7 +219,7 @@ def main(cfg: BenchConfig) -> dict:
             for w in workloads:
                 fixture = write_fixture(Path(tmp), w)
                 report["cases"].append(run_case(w, sides, fixture, cfg, machine["peak_gflops"],
-                                                memory_key(torch.device(device).type)))
+                                                memory_key(machine["device"])))
         print(markdown(report), flush=True)
     else:
         print(f"Machine: {hardware.describe(machine)}")

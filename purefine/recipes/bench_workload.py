@@ -166,5 +166,5 @@ def child_result(library: str, losses: list[float], seconds: list[float], *, wei
            "weights_bytes": weights_bytes, "setup_rss_bytes": setup_rss_bytes,
            "peak_rss_bytes": peak_memory_bytes(), "threads": torch.get_num_threads()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        out["peak_device_bytes"] = torch.cuda.max_memory_allocated()
+        out["peak_device_bytes"] = peak_memory_bytes("cuda")
     return out
