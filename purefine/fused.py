@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -31,10 +32,15 @@ class _RMSNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor, eps: float, offset: bool) -> torch.Tensor:
+        ctx.offset = offset
+        if not offset and x.dtype in _FUSED_NORM_DTYPES and _FUSED_NORM is not None:
+            # torch's one-pass kernel: (x * r).to(x.dtype) and r, bit-equal to the float32 composite
+            normed, r = _FUSED_NORM(x, [x.shape[-1]], None, eps)
+            ctx.save_for_backward(x, w, r)
+            return w * normed
         h = x.to(_stat_dtype(x))
         r = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
         ctx.save_for_backward(x, w, r)
-        ctx.offset = offset
         if offset:
             return (h * r * (1.0 + w.to(h.dtype))).to(x.dtype)
         return w * (h * r).to(x.dtype)
@@ -61,6 +67,12 @@ class _RMSNorm(torch.autograd.Function):
         return gx, gw, None, None
 
 
+# aten's fused RMSNorm forward (torch >= 2.8): the normalized input rounded once to x's dtype and the
+# float32 reciprocal RMS, in one pass over x instead of six. Its backward has no CPU kernel; ours below.
+_FUSED_NORM = getattr(torch.ops.aten, "_fused_rms_norm", None)
+_FUSED_NORM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def _stat_dtype(x: torch.Tensor) -> torch.dtype:
     """float32 for the norm statistics (float64 stays float64, for gradcheck)."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -76,33 +88,38 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, *, offset: bool = Fal
     return _RMSNorm.apply(x, w, eps, offset)
 
 
-def _rotate(x: torch.Tensor, sign: float) -> torch.Tensor:
-    """The half-split rotation [-x2, x1] (sign -1) or its transpose [x2, -x1] (sign +1), one allocation."""
-    half = x.shape[-1] // 2
-    out = torch.empty_like(x)
-    if sign < 0:
-        torch.neg(x[..., half:], out=out[..., :half])
-        out[..., half:] = x[..., :half]
-    else:
-        out[..., :half] = x[..., half:]
-        torch.neg(x[..., :half], out=out[..., half:])
-    return out
-
-
 class _Rope(torch.autograd.Function):
     """x * cos + rotate_half(x) * sin, with rotate_half(x) = [-x2, x1]; cos, sin (B, 1, T, Dh) constants."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(cos, sin)
-        rotated = _rotate(x, -1.0).mul_(sin)
-        return (x * cos).add_(rotated)
+        return _rotary(x, cos, sin, -1.0)
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> tuple[Any, ...]:
         cos, sin = ctx.saved_tensors
         # d/dx: g * cos + rotate_halfᵀ(g * sin), rotate_halfᵀ(y) = [y2, -y1]
-        return (g * cos).add_(_rotate(g * sin, 1.0)), None, None
+        return _rotary(g, cos, sin, 1.0), None, None
+
+
+def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> torch.Tensor:
+    """x * cos + rotate(x) * sin by halves, with rotate(x) = [-x2, x1] (sign -1, rotate_half) or
+    [x2, -x1] (sign +1, its transpose): each product rounded, then summed, as the composite does (so
+    the values are bit-equal), in three passes over x and a half-size temporary instead of four and
+    two whole-size ones."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    out = x * cos
+    if sign < 0:   # [x1 c1 - x2 s1, x2 c2 + x1 s2]
+        tmp = x2 * sin[..., :half]
+        out[..., :half].sub_(tmp)
+        out[..., half:].add_(torch.mul(x1, sin[..., half:], out=tmp))
+    else:          # [x1 c1 + x2 s2, x2 c2 - x1 s1]
+        tmp = x2 * sin[..., half:]
+        out[..., :half].add_(tmp)
+        out[..., half:].sub_(torch.mul(x1, sin[..., :half], out=tmp))
+    return out
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -122,6 +139,13 @@ class _GLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> tuple[Any, ...]:
         gate, up = ctx.saved_tensors
+        if ctx.act is F.silu:  # SwiGLU: silu's own backward kernel, in place; two activation-sized allocations
+            g_gate = None
+            if ctx.needs_input_grad[0]:
+                g_gate = g * up
+                torch.ops.aten.silu_backward.grad_input(g_gate, gate, grad_input=g_gate)
+            g_up = F.silu(gate).mul_(g) if ctx.needs_input_grad[1] else None
+            return g_gate, g_up, None
         with torch.enable_grad():
             leaf = gate.detach().requires_grad_(ctx.needs_input_grad[0])
             a = ctx.act(leaf)
