@@ -163,7 +163,8 @@ def peft_params(layer):
 
 
 @pytest.mark.parametrize("dora,rslora,with_bias,dropout", [
-    (True, False, False, 0.0), (True, True, True, 0.0), (True, False, True, 0.3), (False, True, True, 0.3)])
+    (True, False, False, 0.0), (True, True, True, 0.0), (True, False, True, 0.3), (False, True, True, 0.3),
+    (False, False, True, 0.0), (False, True, False, 0.0)])
 def test_forward_and_grads_match_peft_lora_layer(dora, rslora, with_bias, dropout):
     gen = torch.Generator().manual_seed(7)
     w, bias = torch.randn(24, 40, generator=gen), torch.randn(24, generator=gen) if with_bias else None
@@ -299,3 +300,77 @@ def test_bad_input_raises_config_errors(params):
         lora.apply(tied, rank=4, alpha=8, where=["q_proj", "lm_head"])
     with pytest.raises(ConfigError, match="already has a LoRA adapter"):
         lora.apply(lora.apply(params, rank=4, alpha=8), rank=4, alpha=8)
+
+
+def _fused_calls(monkeypatch):
+    calls = []
+    apply = lora._LoRALinear.apply
+    monkeypatch.setattr(lora._LoRALinear, "apply", lambda *a: (calls.append(1), apply(*a))[1])
+    return calls
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_fused_lora_linear_equals_the_composite_and_peft(monkeypatch, with_bias):
+    """The one-Function path (adapter accumulated into the base matmul, input gradient accumulated in
+    backward) gives PEFT's values and every gradient, input's included; the composite path agrees."""
+    calls = _fused_calls(monkeypatch)
+    gen = torch.Generator().manual_seed(3)
+    w, bias = torch.randn(24, 40, generator=gen), torch.randn(24, generator=gen) if with_bias else None
+    leaf = lora.apply({"proj": {"weight": w}}, rank=6, alpha=12, where=["proj"])["proj"]["weight"]
+    leaf = dataclasses.replace(leaf, lora_b=torch.randn(24, 6, generator=gen) * 0.3)
+    layer = peft_layer(leaf, bias, 0.0).train()
+    x = torch.randn(4, 3, 40, generator=gen)
+    g = torch.randn(4, 3, 24, generator=gen)
+
+    def run(fn, tensors):
+        xx = x.detach().requires_grad_()
+        out = fn(xx)
+        return out, torch.autograd.grad(out, [xx] + tensors, g)
+
+    mine = [t.detach().requires_grad_() for t in (leaf.lora_a, leaf.lora_b) + ((bias,) if with_bias else ())]
+    ours_leaf = dataclasses.replace(leaf, lora_a=mine[0], lora_b=mine[1])
+    out, grads = run(lambda xx: pf.ops.linear(xx, ours_leaf, mine[2] if with_bias else None), mine)
+    assert len(calls) == 1
+    theirs = peft_params(layer)[:2] + ([layer.base_layer.bias] if with_bias else [])
+    ref, ref_grads = run(layer, theirs)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(lora.LoRA, "_fusable", lambda self, x, b: False)
+    out2, grads2 = run(lambda xx: pf.ops.linear(xx, ours_leaf, mine[2] if with_bias else None), mine)
+    assert len(calls) == 1
+    torch.testing.assert_close(out2, out, rtol=1e-6, atol=1e-6)
+    for a, b in zip(grads2, grads):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_fused_lora_linear_gradcheck_and_bf16_accuracy():
+    gen = torch.Generator().manual_seed(4)
+    x, w = torch.randn(5, 7, generator=gen, dtype=torch.float64), torch.randn(6, 7, generator=gen, dtype=torch.float64)
+    a, b = torch.randn(3, 7, generator=gen, dtype=torch.float64), torch.randn(6, 3, generator=gen, dtype=torch.float64)
+    bias = torch.randn(6, generator=gen, dtype=torch.float64)
+    ins = [t.requires_grad_() for t in (x, a, b, bias)]
+    assert torch.autograd.gradcheck(lambda x, a, b, bias: lora._LoRALinear.apply(x, w, a, b, bias, 1.7), ins)
+    # bf16: the adapter summed inside the base matmul's float32 accumulation, rounded once
+    leaf = lora.LoRA(base=w.to(torch.bfloat16), lora_a=a.detach().float(), lora_b=b.detach().float(), alpha=6.0)
+    xb = torch.randn(64, 7, generator=gen).to(torch.bfloat16)
+    exact = xb.double() @ w.to(torch.bfloat16).double().t() + 2.0 * (xb.double() @ a.float().double().t()) @ b.float().double().t()
+    err = (leaf.linear(xb).double() - exact).abs().max() / exact.abs().max()
+    assert err < 2 ** -7
+
+
+def test_fused_lora_linear_only_where_it_applies(monkeypatch, params):
+    calls = _fused_calls(monkeypatch)
+    x = torch.randn(2, 3, 40)
+    w = torch.randn(24, 40)
+    make = lambda **kw: lora.apply({"proj": {"weight": w}}, rank=4, alpha=8, where=["proj"], **kw)["proj"]["weight"]
+    make(dropout=0.1).linear(x)                          # dropout while training: the composite
+    assert calls == []
+    with torch.no_grad():
+        make(dropout=0.1).linear(x)                      # no dropout without gradients
+    assert len(calls) == 1
+    trained_base = make()
+    trained_base = dataclasses.replace(trained_base, base=w.clone().requires_grad_())
+    trained_base.linear(x)                               # a base that trains: the composite
+    make(dora=True).linear(x)                            # DoRA: its own path
+    assert len(calls) == 1
