@@ -160,8 +160,8 @@ class TrainConfig:
     """Activation checkpointing per block: less memory, ~1/3 more compute (the QLoRA presets turn it on)."""
     compile: bool = False
     """torch.compile the loss (inductor on CPU and CUDA); the first steps pay the compile time, printed."""
-    allocator: Literal["fast", "lean"] = "fast"
-    """CPU memory policy: fast = glibc's default (freed activations stay in the heap and are reused); lean = allocations of 1 MiB and more are mapped and unmapped each time, so memory returns to the OS at once (peak RSS ~25-35% lower, steps ~25-45% slower: docs/performance.md)."""
+    allocator: Literal["auto", "fast", "reuse", "lean"] = "auto"
+    """CPU memory policy: auto = reuse for full fine-tuning (--peft none), else fast; fast = glibc's default (allocations above its dynamic threshold, at most 32 MiB, are mapped fresh each time); reuse = everything below 1 GiB from the heap, kept for the next step (full fine-tuning ~10% faster, peak RSS ~5% higher); lean = allocations of 1 MiB and more are mapped and unmapped each time, so memory returns to the OS at once (peak RSS ~25-35% lower, steps ~25-45% slower: docs/performance.md)."""
     device: str = "auto"
     """cpu, cuda, cuda:N or auto."""
     output_dir: str | None = None

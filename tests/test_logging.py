@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import types
 
@@ -66,3 +67,35 @@ def test_format_and_memory():
     line = format_metrics(7, None, {"loss": 1.0, "eval_loss": None, "lr": 3e-4})
     assert line == "step 7 | loss 1.0000 | lr 3.00e-04"
     assert peak_memory_bytes() > 10 * 2**20
+
+
+ALLOC_PROBE = """
+import sys, torch
+from purefine.logging import set_allocator
+def rss():
+    return int(open('/proc/self/statm').read().split()[1]) * 4096
+ok = set_allocator(sys.argv[1])
+before = rss()
+t = torch.empty(50_000_000).fill_(1.0)   # 200 MB, touched
+del t
+print(ok, (rss() - before) >> 20)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt and /proc: Linux only")
+@pytest.mark.parametrize("policy,kept", [("fast", False), ("lean", False), ("reuse", True)])
+def test_allocator_policies_keep_or_return_freed_memory(policy, kept):
+    """reuse keeps a freed 200 MB block in the heap for the next step; fast (glibc's default, which maps
+    anything that large) and lean return it to the OS at once."""
+    out = subprocess.run([sys.executable, "-c", ALLOC_PROBE, policy], capture_output=True, text=True, check=True)
+    ok, grown_mib = out.stdout.split()
+    assert ok == "True"
+    assert (int(grown_mib) > 150) == kept, out.stdout
+
+
+def test_auto_allocator_reuses_for_full_fine_tuning_only():
+    from purefine.logging import resolve_allocator
+
+    assert resolve_allocator("auto", full=True) == "reuse"
+    assert resolve_allocator("auto", full=False) == "fast"
+    assert resolve_allocator("lean", full=True) == "lean"

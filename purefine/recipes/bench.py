@@ -73,9 +73,10 @@ class BenchConfig:
     """torch threads in every run (0: torch's default)."""
     json: str | None = None
     """Write the whole report (machine, settings, every run) to this JSON file."""
-    allocator: Literal["fast", "lean"] = "fast"
-    """purefine's allocator policy, as train's --allocator (fast: glibc's defaults, as the peers run; lean: mmap
-    from 1 MiB, memory back to the OS at once)."""
+    allocator: Literal["auto", "fast", "reuse", "lean"] = "auto"
+    """purefine's allocator policy, as train's --allocator (auto: reuse for full fine-tuning, else fast;
+    fast: glibc's defaults, as the peers run; reuse: the heap keeps freed memory below 1 GiB for the
+    next step; lean: mmap from 1 MiB, memory back to the OS at once)."""
     compile: bool = False
     """Run purefine's loss through torch.compile (the warm-up steps absorb the compile time)."""
 

@@ -1,7 +1,7 @@
 """One measurement in a fresh process, so its peak resident memory is its own:
 
     python -m purefine.recipes.bench_case '{"side": "purefine", "case": "llama-tiny/lora/fp32", "base": DIR,
-        "adapter": DIR, "steps": 5, "warmup": 2, "threads": 2, "allocator": "fast", "compile": false, "device": "cpu"}'
+        "adapter": DIR, "steps": 5, "warmup": 2, "threads": 2, "allocator": "auto", "compile": false, "device": "cpu"}'
 
 ``side`` is ``purefine``, ``hf`` (transformers + peft, ``bench_hf``) or ``torchtune`` (``bench_torchtune``).
 Prints one JSON line: ``bench_workload.child_result``'s record, or ``{"unavailable": why}`` when the
@@ -21,15 +21,15 @@ from purefine.recipes.bench_workload import RECIPE, Fixture, Unavailable, Worklo
     resident_bytes, run_steps
 
 
-def run_purefine(w: Workload, fixture: Fixture, steps: int, warmup: int, allocator: str = "fast",
+def run_purefine(w: Workload, fixture: Fixture, steps: int, warmup: int, allocator: str = "auto",
                  compile: bool = False, device: str = "cpu") -> dict[str, Any]:
     """Train ``warmup + steps`` steps of ``w`` through purefine on ``device`` (train's ``--allocator``
     policy, the loss compiled with ``compile``); returns the child record."""
     import purefine as pf
-    from purefine.logging import limit_heap_fragmentation
+    from purefine.logging import resolve_allocator, set_allocator
 
-    if allocator == "lean":
-        limit_heap_fragmentation()
+    allocator = resolve_allocator(allocator, full=w.mode == "full")
+    set_allocator(allocator)
     cfg = pf.checkpoint.read_config(fixture.base)[0]
     quantize = pf.models.quantize_pattern(cfg) if w.mode == "qlora" else None
     cfg, params = pf.checkpoint.load_hf(fixture.base, dtype=w.frozen_dtype, quantize=quantize, device=device)
@@ -53,7 +53,8 @@ def run_purefine(w: Workload, fixture: Fixture, steps: int, warmup: int, allocat
         return metrics["loss"]
 
     losses, seconds = run_steps(one, data, warmup, device)
-    return child_result(f"purefine {pf.__version__}", losses, seconds, weights_bytes=weights, setup_rss_bytes=setup_rss)
+    result = child_result(f"purefine {pf.__version__}", losses, seconds, weights_bytes=weights, setup_rss_bytes=setup_rss)
+    return {**result, "allocator": allocator}
 
 
 def run(spec: dict[str, Any]) -> dict[str, Any]:
@@ -64,7 +65,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     steps, warmup, device = int(spec["steps"]), int(spec["warmup"]), spec.get("device", "cpu")
     try:
         if spec["side"] == "purefine":
-            return run_purefine(w, fixture, steps, warmup, spec.get("allocator", "fast"), bool(spec.get("compile")),
+            return run_purefine(w, fixture, steps, warmup, spec.get("allocator", "auto"), bool(spec.get("compile")),
                                 device)
         if spec["side"] == "hf":
             from purefine.recipes.bench_hf import run_hf

@@ -138,7 +138,9 @@ def markdown(report: dict[str, Any]) -> str:
     alternating = f" alternating {' / '.join(NAMES[k] for k in sides)}" if len(sides) > 1 else ""
     what = "GPU memory" if memory == "peak_device_bytes" else "RSS"
     ratios = f"; ratios: purefine ÷ faster peer (tok/s), ÷ leaner peer ({what})" if len(sides) > 1 else ""
+    memory_policy = "" if memory == "peak_device_bytes" else f"; purefine's --allocator {st.get('allocator', 'fast')}"
     lines.append(f"Settings: {st['steps']} timed steps after {st['warmup']} warm-up, {st['rounds']} round(s)"
-                 f"{alternating}, each run in a fresh process; tok/s = batch x seq_len per step{ratios}.")
+                 f"{alternating}, each run in a fresh process; tok/s = batch x seq_len per step{ratios}"
+                 f"{memory_policy}.")
     lines += [f"- {n}" for n in notes(report)]
     return "\n".join(lines)

@@ -18,7 +18,7 @@ import torch
 
 from purefine import checkpoint, fsutil, lora, shard, train
 from purefine.config import TrainConfig, to_yaml, uses_remat, validate
-from purefine.logging import limit_heap_fragmentation
+from purefine.logging import resolve_allocator, set_allocator
 from purefine.recipes import loop, setup, tasks
 
 
@@ -41,8 +41,7 @@ def save_outputs(out: Path, cfg: TrainConfig, model_cfg: Any, params: dict, tok_
 def main(cfg: TrainConfig) -> dict:
     """Run the fine-tune described by ``cfg``; returns a summary (losses, throughput, outputs)."""
     cfg = validate(cfg)
-    if cfg.allocator == "lean":
-        limit_heap_fragmentation()
+    set_allocator(resolve_allocator(cfg.allocator, full=cfg.peft == "none"))
     device = setup.pick_device(cfg.device)
     setup.check_compile(cfg, device)
     layout = shard.layout(cfg.parallel, device)  # torchrun: process group and mesh
