@@ -11,10 +11,14 @@ roundings) but saves only what its backward needs and recomputes the rest:
 - ``rope(x, cos, sin)``: saves nothing activation-sized (cos and sin are shared by every layer).
 - ``glu(act, gate, up)``: ``act(gate) * up``, saving gate and up only; ``act(gate)`` is recomputed
   in backward (one elementwise pass) instead of being stored.
+- ``lora_linear(x, w, a, b, bias, scale)``: a LoRA projection over a frozen weight with the adapter
+  accumulated inside the base matmul (``addmm_``) forward and backward; ``lora.LoRA.linear`` calls
+  it where it applies (the adapter's sum is rounded once, so its values are not bit-equal to the
+  composite's in half precision: closer to exact).
 
-They take plain tensors in any float dtype; callers (``purefine.ops``) fall back to the composite
-for tensor subclasses. Tests: ``tests/test_fused.py`` (values and gradients against the composites,
-``torch.autograd.gradcheck`` in float64).
+They take plain tensors in any float dtype; callers (``purefine.ops``, ``purefine.lora``) fall back
+to the composite for tensor subclasses. Tests: ``tests/test_fused.py`` and ``tests/test_lora.py``
+(values and gradients against the composites and PEFT, ``torch.autograd.gradcheck`` in float64).
 """
 
 from __future__ import annotations
@@ -48,22 +52,22 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> tuple[Any, ...]:
         x, w, r = ctx.saved_tensors
-        n = x.to(r.dtype) * r                                # the normalized input, float32 (..., D)
+        n = torch.mul(x, r)                                  # the normalized input, float32 (..., D), one pass
         need_x, need_w = ctx.needs_input_grad[:2]
         gw = gx = None
         if ctx.offset:
             scale = 1.0 + w.to(r.dtype)
             if need_w:
-                gw = _sum_to(g.to(r.dtype) * n, w).to(w.dtype)
-            gn = g.to(r.dtype) * scale
+                gw = _sum_to(torch.mul(g, n), w).to(w.dtype)
+            gn = torch.mul(g, scale)
         else:
             if need_w:
                 gw = _sum_to(g * n.to(x.dtype), w).to(w.dtype)
-            gn = (g * w).to(r.dtype)
+            gn = torch.mul(g, w.to(r.dtype))                 # float32 from g's dtype in the same pass
         if need_x:
-            # d/dx of x * r: r * (gn - n * mean(gn * n))
+            # d/dx of x * r: r * (gn - n * mean(gn * n)), cast to x's dtype as it is written
             dot = (gn * n).mean(-1, keepdim=True)
-            gx = gn.sub_(n.mul_(dot)).mul_(r).to(x.dtype)
+            gx = torch.mul(gn.addcmul_(n, dot, value=-1.0), r, out=torch.empty_like(x))
         return gx, gw, None, None
 
 
@@ -157,3 +161,43 @@ class _GLU(torch.autograd.Function):
 def glu(act: Callable[[torch.Tensor], torch.Tensor], gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """gate, up (..., F) -> act(gate) * up (..., F): the gated MLP's product (SwiGLU with SiLU)."""
     return _GLU.apply(gate, up, act)
+
+
+class _LoRALinear(torch.autograd.Function):
+    """y = x Wᵀ + bias + s·(x Aᵀ) Bᵀ for a frozen W, the adapter accumulated inside the base matmul's
+    output (``addmm_``) and, in backward, s·(g B) A accumulated into g W the same way: no activation-
+    sized adapter output, scaled gradient or separate input-gradient sum (autograd's composite makes
+    all three). Saves x and x Aᵀ, as the composite does; W is referenced, never copied."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                bias: torch.Tensor | None, scale: float) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        xa = x2 @ a.t()                                            # (N, r)
+        y = x2 @ w.t() if bias is None else torch.addmm(bias, x2, w.t())
+        y.addmm_(xa, b.t(), alpha=scale)
+        ctx.save_for_backward(x2, w, a, b, xa)
+        ctx.scale, ctx.shape, ctx.has_bias = scale, x.shape, bias is not None
+        return y.view(*x.shape[:-1], w.shape[0])
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[Any, ...]:
+        x2, w, a, b, xa = ctx.saved_tensors
+        g2 = g.reshape(-1, g.shape[-1])
+        gb = (g2 @ b).mul_(ctx.scale)                              # s·g B (N, r)
+        gx = ga = gbb = gbias = None
+        if ctx.needs_input_grad[0]:
+            gx = (g2 @ w).addmm_(gb, a).view(ctx.shape)
+        if ctx.needs_input_grad[2]:
+            ga = gb.t() @ x2
+        if ctx.needs_input_grad[3]:
+            gbb = (g2.t() @ xa).mul_(ctx.scale)
+        if ctx.has_bias and ctx.needs_input_grad[4]:
+            gbias = g2.sum(0)
+        return gx, None, ga, gbb, gbias, None
+
+
+def lora_linear(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None,
+                scale: float) -> torch.Tensor:
+    """x (..., in), frozen w (out, in), a (r, in), b (out, r), all in x's dtype -> x Wᵀ + bias + scale·(x Aᵀ) Bᵀ."""
+    return _LoRALinear.apply(x, w, a, b, bias, scale)

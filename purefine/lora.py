@@ -51,7 +51,7 @@ import optree
 import torch
 import torch.nn.functional as F
 
-from purefine import ops, tree, upcast
+from purefine import fused, ops, tree, upcast
 from purefine.errors import ConfigError
 
 ADAPTER_CHILDREN = ("lora_a", "lora_b", "magnitude")
@@ -126,7 +126,7 @@ class LoRA:
         if self.is_dora:
             return self._dora_linear(x, bias)
         if self._fusable(x, bias):
-            return _LoRALinear.apply(x, self.base, self.lora_a.to(x.dtype), self.lora_b.to(x.dtype), bias, self.scale)
+            return fused.lora_linear(x, self.base, self.lora_a.to(x.dtype), self.lora_b.to(x.dtype), bias, self.scale)
         y = ops.linear(x, self.base, bias)
         z = self._adapter(self._dropout(x))
         if type(y) is torch.Tensor and y.dtype == z.dtype and not torch.compiler.is_compiling():
@@ -134,7 +134,7 @@ class LoRA:
         return y + self.scale * z
 
     def _fusable(self, x: torch.Tensor, bias: torch.Tensor | None) -> bool:
-        """True when ``_LoRALinear`` computes this leaf: a frozen plain-tensor base in x's dtype, no
+        """True when ``fused.lora_linear`` computes this leaf: a frozen plain-tensor base in x's dtype, no
         dropout while training, plain tensors, outside torch.compile and torch.func."""
         base = self.base
         return (type(base) is torch.Tensor and not base.requires_grad and base.dtype == x.dtype
@@ -187,40 +187,6 @@ class LoRA:
 
 
 tree.register_node(LoRA, ("base", "lora_a", "lora_b", "magnitude"), ("alpha", "rslora", "dropout"))
-
-
-class _LoRALinear(torch.autograd.Function):
-    """y = x Wᵀ + bias + s·(x Aᵀ) Bᵀ for a frozen W, the adapter accumulated inside the base matmul's
-    output (``addmm_``) and, in backward, s·(g B) A accumulated into g W the same way: no activation-
-    sized adapter output, scaled gradient or separate input-gradient sum (autograd's composite makes
-    all three). Saves x and x Aᵀ, as the composite does; W is referenced, never copied."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                bias: torch.Tensor | None, scale: float) -> torch.Tensor:
-        x2 = x.reshape(-1, x.shape[-1])
-        xa = x2 @ a.t()                                            # (N, r)
-        y = x2 @ w.t() if bias is None else torch.addmm(bias, x2, w.t())
-        y.addmm_(xa, b.t(), alpha=scale)
-        ctx.save_for_backward(x2, w, a, b, xa)
-        ctx.scale, ctx.shape, ctx.has_bias = scale, x.shape, bias is not None
-        return y.view(*x.shape[:-1], w.shape[0])
-
-    @staticmethod
-    def backward(ctx: Any, g: torch.Tensor) -> tuple[Any, ...]:
-        x2, w, a, b, xa = ctx.saved_tensors
-        g2 = g.reshape(-1, g.shape[-1])
-        gb = (g2 @ b).mul_(ctx.scale)                              # s·g B (N, r)
-        gx = ga = gbb = gbias = None
-        if ctx.needs_input_grad[0]:
-            gx = (g2 @ w).addmm_(gb, a).view(ctx.shape)
-        if ctx.needs_input_grad[2]:
-            ga = gb.t() @ x2
-        if ctx.needs_input_grad[3]:
-            gbb = (g2.t() @ xa).mul_(ctx.scale)
-        if ctx.has_bias and ctx.needs_input_grad[4]:
-            gbias = g2.sum(0)
-        return gx, None, ga, gbb, gbias, None
 
 
 def is_lora(x: Any) -> bool:

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import purefine as pf
-from purefine import lora, tree
+from purefine import fused, lora, tree
 from purefine.errors import ConfigError
 
 CFG = pf.models.preset("llama-debug")
@@ -304,8 +304,8 @@ def test_bad_input_raises_config_errors(params):
 
 def _fused_calls(monkeypatch):
     calls = []
-    apply = lora._LoRALinear.apply
-    monkeypatch.setattr(lora._LoRALinear, "apply", lambda *a: (calls.append(1), apply(*a))[1])
+    apply = fused._LoRALinear.apply
+    monkeypatch.setattr(fused._LoRALinear, "apply", lambda *a: (calls.append(1), apply(*a))[1])
     return calls
 
 
@@ -350,7 +350,7 @@ def test_fused_lora_linear_gradcheck_and_bf16_accuracy():
     a, b = torch.randn(3, 7, generator=gen, dtype=torch.float64), torch.randn(6, 3, generator=gen, dtype=torch.float64)
     bias = torch.randn(6, generator=gen, dtype=torch.float64)
     ins = [t.requires_grad_() for t in (x, a, b, bias)]
-    assert torch.autograd.gradcheck(lambda x, a, b, bias: lora._LoRALinear.apply(x, w, a, b, bias, 1.7), ins)
+    assert torch.autograd.gradcheck(lambda x, a, b, bias: fused._LoRALinear.apply(x, w, a, b, bias, 1.7), ins)
     # bf16: the adapter summed inside the base matmul's float32 accumulation, rounded once
     leaf = lora.LoRA(base=w.to(torch.bfloat16), lora_a=a.detach().float(), lora_b=b.detach().float(), alpha=6.0)
     xb = torch.randn(64, 7, generator=gen).to(torch.bfloat16)
