@@ -40,6 +40,7 @@ class _RMSNorm(torch.autograd.Function):
         if not offset and x.dtype in _FUSED_NORM_DTYPES and _FUSED_NORM is not None:
             # torch's one-pass kernel: (x * r).to(x.dtype) and r, bit-equal to the float32 composite
             normed, r = _FUSED_NORM(x, [x.shape[-1]], None, eps)
+            r = r.to(_stat_dtype(x))  # float32 already on CPU; the backward relies on it everywhere
             ctx.save_for_backward(x, w, r)
             return w * normed
         h = x.to(_stat_dtype(x))
