@@ -76,12 +76,13 @@ def upcast_blocks(w: torch.Tensor, dtype: torch.dtype) -> Any:
         yield i, min(i + rows, w.shape[0]), w[i : i + rows].to(dtype)
 
 
-def blocks_mm_t(x: torch.Tensor, blocks: Any, out: torch.Tensor) -> torch.Tensor:
-    """x (N, in) @ Wᵀ into ``out`` (N, out), W given as ``blocks`` of output rows (first, end, rows (r, in))."""
+def blocks_mm_t(x: torch.Tensor, blocks: Any, out: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (N, in) @ Wᵀ (+ bias (out,), in x's dtype, summed inside the matmul as F.linear does) into ``out``
+    (N, out), W given as ``blocks`` of output rows (first, end, rows (r, in))."""
     for r, r1, w in blocks:
         if r1 - r == out.shape[1]:  # the whole weight in one block: straight into out
-            return torch.mm(x, w.t(), out=out)
-        out[:, r:r1] = torch.mm(x, w.t())
+            return torch.mm(x, w.t(), out=out) if bias is None else torch.addmm(bias, x, w.t(), out=out)
+        out[:, r:r1] = torch.mm(x, w.t()) if bias is None else torch.addmm(bias[r:r1], x, w.t())
         del w  # before the next block is made: one block alive at a time
     return out
 
@@ -97,11 +98,11 @@ def blocks_mm(g: torch.Tensor, blocks: Any, out: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def blocks_linear(x: torch.Tensor, blocks: Any, out_features: int) -> torch.Tensor:
-    """x (..., in) @ Wᵀ -> (..., out) for W given in ``blocks``: a tensor of its own, not a view (LoRA adds
-    its adapter into it in place)."""
+def blocks_linear(x: torch.Tensor, blocks: Any, out_features: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., in) @ Wᵀ + bias -> (..., out) for W given in ``blocks``: a tensor of its own, not a view (LoRA
+    adds its adapter into it in place)."""
     out = x.new_empty(*x.shape[:-1], out_features)
-    blocks_mm_t(x.reshape(-1, x.shape[-1]), blocks, out.view(-1, out_features))
+    blocks_mm_t(x.reshape(-1, x.shape[-1]), blocks, out.view(-1, out_features), bias)
     return out
 
 

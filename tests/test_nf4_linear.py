@@ -201,7 +201,7 @@ def test_models_init_straight_into_nf4_equals_quantizing_afterwards():
 
 @pytest.fixture
 def scratch_for_every_size(monkeypatch):
-    """Scratch buffers for weights of any size (by default only for those of 32 MiB and up)."""
+    """Scratch buffers for weights of any size (the default; pinned here against a change of it)."""
     monkeypatch.setattr(nf4, "SCRATCH_MIN_BYTES", 0)
     nf4.release_scratch()
     yield
@@ -271,9 +271,13 @@ def test_double_backward_through_reused_buffers(scratch_for_every_size):
     assert torch.equal(torch.autograd.grad(gx.sum(), x)[0], torch.autograd.grad(ref_gx.sum(), ref_x)[0])
 
 
-def test_scratch_buffers_are_few_and_only_for_large_cpu_weights():
+def test_scratch_buffers_are_few_and_only_for_cpu_weights_above_the_threshold(monkeypatch):
     nf4.release_scratch()
-    assert nf4._block_rows(nf4.quantize_tensor(torch.randn(16, 64)), torch.empty(1, 64)) is None  # small: the heap
+    small = nf4.quantize_tensor(torch.randn(16, 64))
+    assert nf4._block_rows(small, torch.empty(1, 64)) >= 16                   # by default: one reused block
+    assert nf4._block_rows(small, torch.empty(1, 64, device="meta")) is None  # not on the CPU: a fresh copy
+    monkeypatch.setattr(nf4, "SCRATCH_MIN_BYTES", 32 << 20)
+    assert nf4._block_rows(small, torch.empty(1, 64)) is None                 # below the threshold: the heap
     big = nf4.SCRATCH_MIN_BYTES // 4
     sizes = [big + i for i in range(nf4.SCRATCH_BUFFERS + 2)]
     first = nf4._buffer(sizes[0], torch.float32)
