@@ -189,8 +189,8 @@ def dequantize_tensor(q: NF4, dtype: torch.dtype | None = None, *, out: torch.Te
 # least recently used first out): never dense whole, and no slower than one matmul (11008x4096 at 256
 # tokens, bf16: 45 -> 39 ms forward; fp32: 125 -> 112 ms). A smaller weight is one block in a reused
 # buffer of its own size too: a fresh dense copy per matmul churned the heap (glibc trims and regrows
-# it), and reusing it made the bench's tiny QLoRA step 8% faster (0.132 -> 0.121 s) and the 134M one
-# ~3%. On CUDA nothing is kept. SCRATCH_MIN_BYTES: weights smaller than this take a fresh dense copy.
+# it); reusing it made the tiny QLoRA step 3-8% faster (A/B, 0.115-0.122 -> 0.110-0.117 s), the 134M
+# and 7B-shaped steps unchanged. On CUDA nothing is kept. SCRATCH_MIN_BYTES: weights smaller than this take a fresh dense copy.
 SCRATCH_MIN_BYTES = 0
 DEQUANT_BLOCK_BYTES = 16 << 20
 SCRATCH_BUFFERS = 3
