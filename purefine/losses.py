@@ -46,7 +46,7 @@ def _chunk_loss(h: torch.Tensor, w: Any, labels: torch.Tensor, cap: float | None
     return cross_entropy(softcap(linear(h, w).float(), cap), labels)[0]
 
 
-def _linear_cross_entropy(h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, chunk_size: int, need_h: bool,
+def _linear_cross_entropy(h: torch.Tensor, w: Any, labels: torch.Tensor, chunk_size: int, need_h: bool,
                           need_w: bool, cap: float | None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(summed loss, dL/dh or None, dL/dw (float32) or None), one (chunk x V) logits block at a time.
 
@@ -166,8 +166,8 @@ def _chunked_cross_entropy(h: torch.Tensor, w: Any, labels: torch.Tensor, chunk_
         raise ValueError(f"chunked_cross_entropy: expected 2-D hidden states (N, D), got {tuple(h.shape)}")
     count = (labels != IGNORE_INDEX).sum()
     chunk_size = min(chunk_size, max(64, LOGITS_BUDGET // max(1, w.shape[0])))
-    if type(w) is torch.Tensor:
-        if torch.is_grad_enabled() and (h.requires_grad or w.requires_grad):
+    if type(w) is torch.Tensor or _frozen_blocks(w, h):
+        if torch.is_grad_enabled() and (h.requires_grad or getattr(w, "requires_grad", False)):
             return _LinearCrossEntropy.apply(h, w, labels, chunk_size, softcap), count
         return _linear_cross_entropy(h, w, labels, chunk_size, False, False, softcap)[0], count
     n = h.shape[0]
@@ -183,6 +183,14 @@ def _chunked_cross_entropy(h: torch.Tensor, w: Any, labels: torch.Tensor, chunk_
         else:
             total = total + _chunk_loss(h[sl], w, labels[sl], softcap)
     return total, count
+
+
+def _frozen_blocks(w: Any, h: torch.Tensor) -> bool:
+    """Whether ``w`` is a frozen leaf kind (NF4) that decodes into blocks for a matmul with ``h``: then
+    it goes through ``_LinearCrossEntropy`` like a plain weight (each block decoded once per chunk,
+    no logits kept for backward) instead of a checkpointed chunk (decoded again in backward)."""
+    row_blocks = getattr(w, "row_blocks", None)
+    return row_blocks is not None and row_blocks(h) is not None
 
 
 def _chunk_rows(chunk_size: int, vocab: int) -> int:

@@ -110,6 +110,13 @@ class NF4:
         """tokens (...) int -> rows (..., D) of a (V, D) table, dequantizing only those rows."""
         return embed(tokens, self)
 
+    def row_blocks(self, x: torch.Tensor) -> Any:
+        """(first row, end row, those rows of the (out, in) weight in x's dtype) for a matmul with x,
+        in reused CPU buffers a block at a time (``ops.blocks_mm_t`` / ``blocks_mm``), or None where
+        the weight would be dequantized whole (GPU, DTensor, compile)."""
+        rows = _block_rows(self, x)
+        return None if rows is None else _row_blocks(self, x.dtype, rows)
+
     def astype(self, dtype: torch.dtype) -> NF4:
         """The same codes and scales, computing in ``dtype``."""
         return replace(self, dtype=dtype)
@@ -173,6 +180,20 @@ def block_scales(q: NF4, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return scales.to(dtype)
 
 
+def some_block_scales(q: NF4, blocks: slice | torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``block_scales(q, dtype)[blocks]`` (a slice of blocks or an index tensor), the same values,
+    computed for those blocks only (a 7B MLP weight's scales are ~2.8 MiB of float32 per pass)."""
+    per = q.scale_codes.numel() // q.scale_factors.numel()
+    if isinstance(blocks, slice):
+        start, stop = blocks.start or 0, q.num_blocks if blocks.stop is None else blocks.stop
+        g0, g1 = start // per, -(-stop // per)
+        groups = q.scale_codes[g0 * per : g1 * per].reshape(g1 - g0, per)
+        scales = (groups / q.scale_factors[g0:g1, None]).flatten()[start - g0 * per : stop - g0 * per]
+    else:
+        scales = q.scale_codes[blocks] / q.scale_factors[blocks // per]
+    return (scales + q.scale_mean).to(dtype)
+
+
 def dequantize_tensor(q: NF4, dtype: torch.dtype | None = None, *, out: torch.Tensor | None = None) -> torch.Tensor:
     """The weight that ``q`` stands for, of shape ``q.shape`` (e.g. (out, in)), in ``dtype`` (default ``q.dtype``),
     decoded into ``out`` (``q.num_blocks * BLOCK_SIZE`` contiguous elements) when given."""
@@ -228,12 +249,12 @@ def _row_blocks(q: NF4, dtype: torch.dtype, rows: int) -> Any:
     if rows >= out_f:
         yield 0, out_f, dequantize_tensor(q, dtype, out=_buffer(q.num_blocks * BLOCK_SIZE, dtype))
         return
-    scales, per_row = block_scales(q, dtype), in_f // BLOCK_SIZE
+    per_row = in_f // BLOCK_SIZE
     buf = _buffer(rows * in_f, dtype)
     for r in range(0, out_f, rows):
         r1 = min(r + rows, out_f)
-        w = dequantize_blocks(q.codes[r * in_f // 2 : r1 * in_f // 2], scales[r * per_row : r1 * per_row], dtype,
-                              out=buf[: (r1 - r) * in_f])
+        scales = some_block_scales(q, slice(r * per_row, r1 * per_row), dtype)
+        w = dequantize_blocks(q.codes[r * in_f // 2 : r1 * in_f // 2], scales, dtype, out=buf[: (r1 - r) * in_f])
         yield r, r1, w.view(r1 - r, in_f)
 
 
@@ -249,8 +270,9 @@ def embed(tokens: torch.Tensor, q: NF4) -> torch.Tensor:
         return F.embedding(tokens, q.dense())
     rows, width = tokens.reshape(-1), q.shape[1]
     codes = q.codes.view(q.shape[0], width // 2)[rows]
-    scales = block_scales(q, q.dtype).view(q.shape[0], width // BLOCK_SIZE)[rows]
-    values = dequantize_blocks(codes.view(-1), scales.reshape(-1), q.dtype)
+    per_row = width // BLOCK_SIZE
+    blocks = rows[:, None] * per_row + torch.arange(per_row, device=rows.device)
+    values = dequantize_blocks(codes.view(-1), some_block_scales(q, blocks.view(-1), q.dtype), q.dtype)
     return values.view(*tokens.shape, width)
 
 

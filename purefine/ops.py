@@ -113,15 +113,22 @@ def blocks_input_grad(g: torch.Tensor, blocks: Any, in_features: int) -> torch.T
     return out
 
 
-def mm_wt(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def _weight_blocks(w: Any, x: torch.Tensor) -> Any:
+    """Blocks of output rows of ``w`` in x's dtype: ``upcast_blocks`` of a tensor, or a frozen leaf
+    kind's own ``row_blocks(x)`` (NF4, decoded into reused buffers)."""
+    return upcast_blocks(w, x.dtype) if isinstance(w, torch.Tensor) else w.row_blocks(x)
+
+
+def mm_wt(x: torch.Tensor, w: Any, out: torch.Tensor | None = None) -> torch.Tensor:
     """x (N, in) @ w.to(x.dtype)ᵀ -> (N, out) in x's dtype (into ``out`` when given), w upcast a block of
-    ``upcast_rows`` output rows at a time; one matmul when w is x's dtype or small enough."""
-    return blocks_mm_t(x, upcast_blocks(w, x.dtype), x.new_empty(x.shape[0], w.shape[0]) if out is None else out)
+    ``upcast_rows`` output rows at a time; one matmul when w is x's dtype or small enough. ``w`` may
+    be a frozen leaf kind with ``row_blocks`` (NF4)."""
+    return blocks_mm_t(x, _weight_blocks(w, x), x.new_empty(x.shape[0], w.shape[0]) if out is None else out)
 
 
-def mm_w(g: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def mm_w(g: torch.Tensor, w: Any, out: torch.Tensor | None = None) -> torch.Tensor:
     """g (N, out) @ w.to(g.dtype) -> (N, in) (into ``out`` when given), block by block of w's rows like ``mm_wt``."""
-    return blocks_mm(g, upcast_blocks(w, g.dtype), g.new_empty(g.shape[0], w.shape[1]) if out is None else out)
+    return blocks_mm(g, _weight_blocks(w, g), g.new_empty(g.shape[0], w.shape[1]) if out is None else out)
 
 
 def embedding(tokens: torch.Tensor, w: Any) -> torch.Tensor:

@@ -309,3 +309,17 @@ def test_dequantization_equals_torchao_bit_for_bit(dtype):
     scales = full.dequantize_scalers(q.scale_codes, q.scale_factors, 256)  # torchao's s'_b, float32
     first_level = _torchao_tensor(ao, q, dtype, scales, torch.ones(q.num_blocks // 256), torch.zeros((), dtype=dtype))
     assert torch.equal(q.dense(), first_level.get_original_weight())
+
+
+@SETTINGS
+@given(rows=st.integers(1, 40), cols=st.sampled_from([64, 192, 4096]), data=st.data())
+def test_some_block_scales_equal_the_whole_weights_scales_at_those_blocks(rows, cols, data):
+    """A block matmul decodes only its own rows' scales: bit for bit the slice (or gather) of the whole."""
+    q = nf4.quantize_tensor(torch.randn(rows * 8, cols, generator=torch.Generator().manual_seed(rows)))
+    full = nf4.block_scales(q, torch.bfloat16)
+    start = data.draw(st.integers(0, q.num_blocks - 1))
+    stop = data.draw(st.integers(start + 1, q.num_blocks))
+    assert torch.equal(nf4.some_block_scales(q, slice(start, stop), torch.bfloat16), full[start:stop])
+    index = torch.tensor(data.draw(st.lists(st.integers(0, q.num_blocks - 1), min_size=1, max_size=50)))
+    assert torch.equal(nf4.some_block_scales(q, index, torch.bfloat16), full[index])
+    assert torch.equal(nf4.some_block_scales(q, slice(start, stop)), nf4.block_scales(q)[start:stop])  # float32

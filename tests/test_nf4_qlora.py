@@ -157,3 +157,23 @@ def test_load_hf_with_quantize_never_holds_the_model_in_full_precision(tmp_path)
           f"resident growth at peak {m['growth'] / 2**20:.0f} MiB")
     assert m["bytes"] < 0.25 * size
     assert m["growth"] < 0.6 * size  # measured 77-104 MiB: the NF4 params, one tensor, chunk temporaries
+
+
+def test_an_nf4_output_head_goes_through_the_fused_cross_entropy(monkeypatch):
+    """A frozen NF4 head decodes block by block inside ``_LinearCrossEntropy`` (no checkpointed chunk,
+    no logits kept for backward): the loss and dL/dh of the dequantized head, for each chunking."""
+    from purefine import losses
+
+    q = nf4.quantize_tensor(torch.randn(300, 64, generator=torch.Generator().manual_seed(0)))
+    h = torch.randn(40, 64, generator=torch.Generator().manual_seed(1))
+    labels = torch.randint(0, 300, (40,), generator=torch.Generator().manual_seed(2))
+    labels[3] = -100
+    monkeypatch.setattr(losses, "checkpoint", lambda *a, **k: pytest.fail("an NF4 head took the checkpointed path"))
+    for chunk in (7, 64):
+        for dtype in (torch.float32, torch.bfloat16):
+            x, ref = h.to(dtype).clone().requires_grad_(), h.to(dtype).clone().requires_grad_()
+            loss, count = losses.chunked_cross_entropy(x, q.astype(dtype), labels, chunk_size=chunk)
+            ref_loss, _ = losses.chunked_cross_entropy(ref, q.dense(dtype), labels, chunk_size=chunk)
+            loss.backward(), ref_loss.backward()
+            assert count == 39 and torch.equal(loss, ref_loss), (chunk, dtype)
+            assert torch.equal(x.grad, ref.grad), (chunk, dtype)
