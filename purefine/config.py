@@ -38,6 +38,8 @@ class LoraConfig:
     """Modules to adapt: default (the family's: q_proj v_proj for Llama/Mistral/Qwen2, c_attn for GPT-2, query value for BERT), all-linear, module names (q_proj k_proj ... lm_head, c_attn c_proj c_fc, query key value dense), or one regex over weight paths."""
     rslora: bool = False
     """Rank-stabilized scaling alpha / sqrt(rank)."""
+    quantize_embeddings: bool = False
+    """QLoRA: also store the input embedding and the output head in NF4 (frozen), as torchtune does for a LoRA'd output projection; a Llama-2-7B saves ~0.36 GiB. Off by default, as in peft / bitsandbytes, which keep them in 16 bits."""
 
 
 @dataclass(frozen=True)

@@ -103,6 +103,29 @@ def test_training_qlora_tracks_lora_on_the_dequantized_base_and_leaves_the_codes
     assert all(torch.equal(after[p], x) for p, x in codes_before.items())
 
 
+def test_quantized_embeddings_match_lora_over_the_dequantized_tables():
+    """--lora.quantize-embeddings: the input embedding and the output head in NF4 too (the lookup
+    decodes only the rows used; the chunked loss runs the NF4 head per chunk): logits, loss and
+    adapter gradients equal LoRA over the same tables dequantized; norms stay dense."""
+    pattern = pf.models.quantize_pattern(CFG, embeddings=True)
+    assert pf.models.quantize_pattern(CFG) in pattern
+    base = nf4.quantize(pf.models.init(CFG, seed=0), where=pattern)
+    assert nf4.is_nf4(base["model"]["embed_tokens"]["weight"]) and nf4.is_nf4(base["lm_head"]["weight"])
+    assert isinstance(base["model"]["norm"]["weight"], torch.Tensor)
+    q, ref = pair(base)
+    assert torch.equal(pf.models.forward(CFG, q, TOKENS), pf.models.forward(CFG, ref, TOKENS))
+    for remat in (False, True):
+        loss = pf.models.loss_fn(CFG, chunk_size=8, remat=remat)  # 24 tokens: three chunks of the head
+        grad_fn = pf.train.value_and_grad(lambda p, b: loss(p, b)[0], lora.trainable)
+        (value, grads), (ref_value, ref_grads) = grad_fn(q, batch(4)), grad_fn(ref, batch(4))
+        assert value.item() == pytest.approx(ref_value.item(), rel=1e-6)
+        for p in grads:  # the dense head goes through the fused linear cross-entropy: another summation order
+            assert (grads[p] - ref_grads[p]).abs().max() <= 1e-5 * ref_grads[p].abs().max(), p
+    dense = pf.models.init(CFG, seed=0)
+    rows = base["model"]["embed_tokens"]["weight"].embed(TOKENS)
+    assert 0 < (rows - dense["model"]["embed_tokens"]["weight"][TOKENS]).abs().max() < 0.05  # NF4's rounding
+
+
 # ---------------------------------------------------------------------------------------------
 # quantize while loading
 

@@ -86,6 +86,17 @@ def test_bad_input_is_one_line_and_exit_2(args, tmp_path):
     assert last.startswith("error: ") and out.stderr.count("error:") == 1, out.stderr
 
 
+def test_qlora_with_quantized_embeddings_trains_and_reloads(tmp_path):
+    from purefine.recipes.loading import ModelSource, load_model
+
+    summary = main(demo(tmp_path, peft="qlora", max_steps=12, lora=pf.config.LoraConfig(quantize_embeddings=True)))
+    assert falls(summary), summary["losses"]
+    loaded = load_model(ModelSource(run_dir=str(tmp_path / "out")), device=torch.device("cpu"))
+    assert pf.nf4.is_nf4(loaded.params["model"]["embed_tokens"]["weight"]) and pf.nf4.is_nf4(loaded.params["lm_head"]["weight"])
+    with pytest.raises(pf.errors.ConfigError, match="--lora.quantize-embeddings: only with --peft qlora"):
+        pf.rules.validate(demo(tmp_path, peft="lora", lora=pf.config.LoraConfig(quantize_embeddings=True)))
+
+
 def test_qlora_lowers_the_loss_as_lora_does(tmp_path):
     qlora = main(demo(tmp_path / "q", peft="qlora"))
     lora_run = main(demo(tmp_path / "l", peft="lora"))

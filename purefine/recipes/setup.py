@@ -190,7 +190,7 @@ def load_model(cfg: TrainConfig, device: torch.device, layout: Any = None) -> tu
     frozen_dtype = precision(cfg, device).frozen if cfg.peft != "none" else torch.float32  # full FT: fp32 masters
     source = checkpoint_source(cfg)
     model_cfg = checkpoint.read_config(source)[0] if source is not None else models.preset(cfg.model)
-    quantize = models.quantize_pattern(model_cfg) if cfg.peft == "qlora" else None
+    quantize = models.quantize_pattern(model_cfg, embeddings=cfg.lora.quantize_embeddings) if cfg.peft == "qlora" else None
     if source is not None:
         sliced = layout is not None and cfg.peft != "dora"  # DoRA's magnitude is set from whole weights
         reader = layout.checkpoint_reader(model_cfg, dtype=frozen_dtype, quantize=quantize) if sliced else None
