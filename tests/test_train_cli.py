@@ -95,6 +95,12 @@ def test_qlora_with_quantized_embeddings_trains_and_reloads(tmp_path):
     assert pf.nf4.is_nf4(loaded.params["model"]["embed_tokens"]["weight"]) and pf.nf4.is_nf4(loaded.params["lm_head"]["weight"])
     with pytest.raises(pf.errors.ConfigError, match="--lora.quantize-embeddings: only with --peft qlora"):
         pf.rules.validate(demo(tmp_path, peft="lora", lora=pf.config.LoraConfig(quantize_embeddings=True)))
+    from purefine.shard.layout import Layout
+
+    two_ranks = Layout({"dp_replicate": 1, "dp_shard": 2, "tp": 1, "pp": 1}, rank=0, world_size=2)
+    with pytest.raises(pf.errors.ConfigError, match="--lora.quantize-embeddings: one process only"):
+        pf.recipes.setup.load_model(demo(tmp_path, peft="qlora", lora=pf.config.LoraConfig(quantize_embeddings=True)),
+                                    torch.device("cpu"), two_ranks)
 
 
 def test_qlora_lowers_the_loss_as_lora_does(tmp_path):

@@ -190,6 +190,9 @@ def load_model(cfg: TrainConfig, device: torch.device, layout: Any = None) -> tu
     frozen_dtype = precision(cfg, device).frozen if cfg.peft != "none" else torch.float32  # full FT: fp32 masters
     source = checkpoint_source(cfg)
     model_cfg = checkpoint.read_config(source)[0] if source is not None else models.preset(cfg.model)
+    if cfg.lora.quantize_embeddings and getattr(layout, "world_size", 1) > 1:
+        raise ConfigError("--lora.quantize-embeddings: one process only (NF4 embeddings and heads are not sharded "
+                          "under torchrun); drop the flag or run without torchrun")
     quantize = models.quantize_pattern(model_cfg, embeddings=cfg.lora.quantize_embeddings) if cfg.peft == "qlora" else None
     if source is not None:
         sliced = layout is not None and cfg.peft != "dora"  # DoRA's magnitude is set from whole weights
