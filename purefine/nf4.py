@@ -175,14 +175,12 @@ def block_scales(q: NF4, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     Each factor serves ``len(scale_codes) / len(scale_factors)`` consecutive codes: 256, or 1 in a
     tensor-parallel slice whose blocks come from several groups (``shard.nf4_tp.local_leaf``).
     """
-    groups = q.scale_codes.reshape(q.scale_factors.numel(), -1)
-    scales = (groups / q.scale_factors[:, None]).flatten()[: q.num_blocks] + q.scale_mean
-    return scales.to(dtype)
+    return some_block_scales(q, slice(None), dtype)
 
 
 def some_block_scales(q: NF4, blocks: slice | torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``block_scales(q, dtype)[blocks]`` (a slice of blocks or an index tensor), the same values,
-    computed for those blocks only (a 7B MLP weight's scales are ~2.8 MiB of float32 per pass)."""
+    """``block_scales(q, dtype)[blocks]`` (a slice of blocks or an index tensor), computed for those
+    blocks only (a 7B MLP weight's scales are ~2.8 MiB of float32 per pass)."""
     per = q.scale_codes.numel() // q.scale_factors.numel()
     if isinstance(blocks, slice):
         start, stop = blocks.start or 0, q.num_blocks if blocks.stop is None else blocks.stop

@@ -84,9 +84,6 @@ def _check_run(cfg: TrainConfig) -> None:
         raise ConfigError(f"--resume {cfg.resume}: give the --output-dir of the run to continue")
     if cfg.lora.quantize_embeddings and cfg.peft != "qlora":
         raise ConfigError(f"--lora.quantize-embeddings: only with --peft qlora (found --peft {cfg.peft})")
-    if cfg.lora.quantize_embeddings and cfg.parallel.tp > 1:
-        raise ConfigError("--lora.quantize-embeddings: not with --parallel.tp (the NF4 embedding and head are not "
-                          "split across tensor-parallel ranks)")
     if cfg.task in ("classify", "mlm") and cfg.peft == "qlora":
         raise ConfigError("--peft qlora: not supported with --task classify / mlm; use lora, dora or none")
     if cfg.num_labels is not None and cfg.num_labels < 2:

@@ -118,13 +118,12 @@ def quantize_pattern(cfg: Any, *, embeddings: bool = False) -> str:
     ``linear_layers``); with ``embeddings`` also the 2-D weights of the first and last stages (the
     input embedding and the output head, as torchtune's QLoRA does for a LoRA'd output projection),
     never norms or biases."""
-    names = family(cfg).linear_layers
-    if not names:
+    fam = family(cfg)
+    if not fam.linear_layers:
         raise ConfigError(f"qlora: the {cfg.model_type} family names no linear layers to quantize")
-    pattern = r".*\.(?:" + "|".join(re.escape(n) for n in names) + r")\.weight"
+    pattern = r".*\.(?:" + "|".join(re.escape(n) for n in fam.linear_layers) + r")\.weight"
     if not embeddings:
         return pattern
-    fam = family(cfg)
     ends = tuple(f"{s}." for s in fam.first_stage + fam.last_stage)
     outer = [n for n, shape in param_shapes(cfg).items() if len(shape) == 2 and n.startswith(ends)]
     return "|".join([pattern, *map(re.escape, outer)])
