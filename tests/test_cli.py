@@ -142,7 +142,8 @@ def test_validate_lists_every_problem_of_a_yaml_at_once(tmp_path):
 # ------------------------------------------------------------------------------------- full disk
 
 def test_a_full_disk_during_a_checkpoint_save_is_one_error_line_and_keeps_the_previous(tmp_path, monkeypatch, capsys):
-    original, calls = state_io.dcp.save, []
+    dcp = state_io._dcp()
+    original, calls = dcp.save, []
 
     def filling_disk(*args, **kwargs):
         calls.append(1)
@@ -150,7 +151,7 @@ def test_a_full_disk_during_a_checkpoint_save_is_one_error_line_and_keeps_the_pr
             raise OSError(errno.ENOSPC, "No space left on device")
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(state_io.dcp, "save", filling_disk)
+    monkeypatch.setattr(dcp, "save", filling_disk)
     args = ["--max-steps", "6", "--save-every", "2", "--batch-size", "2", "--max-seq-len", "64", "--no-progress",
             "--no-plot", "--output-dir", str(tmp_path / "out"), "--data.cache-dir", str(tmp_path / "cache")]
     from purefine.config import parse_train_args as parse
@@ -160,7 +161,7 @@ def test_a_full_disk_during_a_checkpoint_save_is_one_error_line_and_keeps_the_pr
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and err[-1].startswith("error: ") and "No space left on device" in err[-1]
     assert [p.name for p in state_io.complete_steps(tmp_path / "out" / "checkpoints")] == ["step-00000002"]
-    monkeypatch.setattr(state_io.dcp, "save", original)
+    monkeypatch.setattr(dcp, "save", original)
     resumed = main(parse([*args, "--resume", "latest"]))
     assert resumed["resumed_from"].endswith("step-00000002") and resumed["steps"] == 6
 

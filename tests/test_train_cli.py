@@ -113,3 +113,19 @@ def test_qlora_lowers_the_loss_as_lora_does(tmp_path):
     assert drop_q > 0.5 * drop_l
     cfg = json.loads((tmp_path / "q" / "out" / "adapter" / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["r"] == 8
+
+
+def test_a_one_process_run_never_loads_torch_distributed_tensor_checkpoint_or_pipelining(tmp_path):
+    # ~50 MB of resident memory (torch.distributed.tensor pulls in sympy) that a run on one device
+    # never uses: the sharding modules and DCP load on first use (a mesh, a resumable save).
+    code = ("import sys\nfrom purefine.config import parse_train_args\nfrom purefine.recipes.train import main\n"
+            f"main(parse_train_args(['--max-steps', '2', '--batch-size', '2', '--max-seq-len', '64', '--no-progress',"
+            f" '--no-plot', '--output-dir', {str(tmp_path / 'out')!r}, '--data.cache-dir', {str(tmp_path / 'c')!r}]))\n"
+            "heavy = ('torch.distributed.tensor', 'torch.distributed.checkpoint', 'torch.distributed.pipelining', 'sympy')\n"
+            "print('LOADED', [m for m in heavy if m in sys.modules])\n"
+            "import purefine.shard as s\nprint('LAZY', s.plan_for.__module__, s.make_reader.__module__)\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "LOADED []" in done.stdout, done.stdout
+    assert "LAZY purefine.shard.plan purefine.shard.checkpoint_io" in done.stdout, done.stdout
+    assert (tmp_path / "out" / "adapter").is_dir()

@@ -43,9 +43,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from purefine import fsutil, tree
 from purefine.checkpoint.hf import SafetensorsFile
@@ -55,6 +52,14 @@ FORMAT = "purefine-train-state/2"
 STEP_DIR = re.compile(r"step-(\d+)")
 # DCP warns that it runs without a process group on one process (and in its save thread): expected here
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+
+
+def _dcp() -> Any:
+    """``torch.distributed.checkpoint``, imported by the first save or load: with
+    ``torch.distributed.tensor`` it is ~50 MB of resident memory a run that never saves need not hold."""
+    import torch.distributed.checkpoint as dcp
+
+    return dcp
 
 
 def step_dir(root: str | os.PathLike, step: int) -> Path:
@@ -83,15 +88,15 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def writer(path: Path) -> dcp.HuggingFaceStorageWriter:
+def writer(path: Path) -> Any:
     """The DCP storage writer of a checkpoint directory: safetensors shards, one per rank, each
     holding its chunks' offsets (the index DCP rebuilds on load), fsynced."""
-    return dcp.HuggingFaceStorageWriter(str(path), save_distributed=True)
+    return _dcp().HuggingFaceStorageWriter(str(path), save_distributed=True)
 
 
-def reader(path: Path) -> dcp.HuggingFaceStorageReader:
+def reader(path: Path) -> Any:
     """The DCP storage reader of a checkpoint directory (see ``writer``)."""
-    return dcp.HuggingFaceStorageReader(str(path))
+    return _dcp().HuggingFaceStorageReader(str(path))
 
 
 class PendingSave:
@@ -108,7 +113,7 @@ class PendingSave:
         """Block until the checkpoint is committed; its directory, or CheckpointError."""
         try:
             self.future.result()
-        except (OSError, CheckpointException) as e:
+        except (OSError, _dcp().CheckpointException) as e:
             raise _save_error(e, self.root, self.final) from None
         return self.final
 
@@ -126,6 +131,7 @@ def save(root: str | os.PathLike, state: Any, trainable: Callable[[str, Any], bo
     try:
         _prepare(tmp)
         meta["tensors"] = sorted(_all_names(tensors))
+        dcp = _dcp()
         if not async_save:
             dcp.save(tensors, storage_writer=writer(tmp), process_group=process_group)
             if _rank() == 0:
@@ -133,7 +139,7 @@ def save(root: str | os.PathLike, state: Any, trainable: Callable[[str, Any], bo
             _barrier()
             return final
         future = dcp.async_save(tensors, storage_writer=writer(tmp), process_group=process_group)
-    except (OSError, CheckpointException) as e:
+    except (OSError, _dcp().CheckpointException) as e:
         raise _save_error(e, root, final) from None
     committed: Future = Future()
     future.add_done_callback(lambda f: _finish_async(f, committed, tmp, final, meta))
@@ -193,7 +199,7 @@ def _finish_async(future: Future, committed: Future, tmp: Path, final: Path, met
 def _save_error(e: BaseException, root: Path, final: Path) -> CheckpointError:
     """A CheckpointError naming what failed and which checkpoint is intact (rank 0 removes the temporary)."""
     cause = e
-    if isinstance(e, CheckpointException) and e.failures:
+    if isinstance(e, _dcp().CheckpointException) and e.failures:
         cause = next(iter(e.failures.values()))[0]
     if _rank() == 0:
         shutil.rmtree(root / f".{final.name}.tmp", ignore_errors=True)
@@ -269,7 +275,7 @@ def _check_against(path: Path, tensors: dict[str, torch.Tensor]) -> None:
                               f"unexpected {extra[:3]}); was it saved with another --peft or model?")
     for name, like in tensors.items():
         entry = saved[name]
-        shape = tuple(entry.size) if isinstance(entry, TensorStorageMetadata) else None
+        shape = tuple(entry.size) if isinstance(entry, _dcp().metadata.TensorStorageMetadata) else None
         if shape != tuple(like.shape):
             raise CheckpointError(f"{path}: {name} has shape {list(shape)}, this run expects {list(like.shape)}")
         if entry.properties.dtype != like.dtype:
@@ -285,10 +291,11 @@ def load(path: str | os.PathLike, template: Any, trainable: Callable[[str, Any],
     tensors = state_dict(template, trainable)
     _check_against(path, tensors)
     tensors["rng"] = template.rng.clone()
+    dcp = _dcp()
     try:
         dcp.load(tensors, storage_reader=reader(path))
-    except (OSError, CheckpointException, ValueError, KeyError, RuntimeError) as e:
-        cause = next(iter(e.failures.values()))[0] if isinstance(e, CheckpointException) and e.failures else e
+    except (OSError, dcp.CheckpointException, ValueError, KeyError, RuntimeError) as e:
+        cause = next(iter(e.failures.values()))[0] if isinstance(e, dcp.CheckpointException) and e.failures else e
         raise CheckpointError(f"{path}: reading the checkpoint failed ({cause})") from None
     return template.replace(step=meta["step"], rng=tensors["rng"].to(torch.uint8),
                             data_position=meta.get("data_position"))

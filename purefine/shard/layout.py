@@ -28,8 +28,10 @@ import torch.distributed as dist
 
 from purefine import models, optim, train
 from purefine.errors import ConfigError
-from purefine.shard import checkpoint_io, plan, stages
-from purefine.shard.gather import make_gather, settle_grads
+from purefine.shard import stages
+
+# checkpoint_io, gather, plan and pipeline work on DTensors: they are imported where a mesh exists
+# (more than one process), so a run on one device never loads torch.distributed.tensor (~50 MB).
 
 DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
 # Step metrics that are already global (or per process); every other one is this rank's share of a mean.
@@ -144,7 +146,11 @@ class Layout:
     @property
     def gather(self) -> Callable[[Any], Any] | None:
         """The models' ``gather`` hook (None on one process)."""
-        return make_gather(self.mesh) if self.distributed else None
+        if not self.distributed:
+            return None
+        from purefine.shard.gather import make_gather
+
+        return make_gather(self.mesh)
 
     def sum_over_dp(self, x: torch.Tensor) -> torch.Tensor:
         """x (any shape, e.g. a token count ()) summed over the data-parallel ranks (a new tensor of
@@ -159,6 +165,8 @@ class Layout:
         the family's plan; under pipeline parallelism only this stage's tensors (others None)."""
         if not self.distributed:
             return params
+        from purefine.shard import plan
+
         if self.pp_size > 1:
             self.plan_stages(model_cfg)
             self.template = stages.meta_template(plan.tp_layouts(params, plan.plan_for(model_cfg), self.sizes))
@@ -218,6 +226,8 @@ class Layout:
             fn = torch.compile(fn)  # shapes that change compile once more, then dynamically
         if not self.distributed:
             return train.make_step(fn, optimizer, count=count, **options)
+        from purefine.shard.gather import settle_grads
+
         inner = train.make_step(fn, optimizer, count=count, sync_count=self.sum_over_dp, sync_grads=settle_grads,
                                 **options)
 
@@ -235,6 +245,8 @@ class Layout:
         shards (None on one process: the plain load)."""
         if not self.distributed:
             return None
+        from purefine.shard import checkpoint_io
+
         return checkpoint_io.make_reader(model_cfg, self, dtype=dtype, quantize=quantize)
 
     def full_params_for_save(self, params: Any) -> Any:
@@ -242,6 +254,8 @@ class Layout:
         collective: every rank must call it."""
         if not self.distributed:
             return params
+        from purefine.shard import checkpoint_io
+
         return checkpoint_io.gather_full(params, self)
 
     @contextlib.contextmanager
