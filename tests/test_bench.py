@@ -123,6 +123,20 @@ def test_device_flag_picks_the_cpu_here_and_refuses_what_torch_cannot_use(capsys
         assert e.value.code == 2 and len(err) == 1 and why in err[0], err
 
 
+def test_the_larger_of_two_peak_probes_is_kept_and_mfu_follows_it() -> None:
+    side = lambda mfu: {"mfu": mfu, "tokens_per_s": 1.0}  # noqa: E731
+    report = {"machine": {"peak_gflops": {"fp32": 100.0, "bf16": 200.0}},
+              "cases": [{"case": "llama-tiny/lora/fp32", "sides": {"purefine": side(1.2), "hf": side(0.9)}},
+                        {"case": "llama-134m/full/bf16", "sides": {"purefine": side(0.5), "hf": {"error": "x"}}}]}
+    bench_report.settle_peaks(report, {"fp32": 150.0, "bf16": 100.0})
+    m = report["machine"]
+    assert m["peak_gflops"] == {"fp32": 150.0, "bf16": 200.0}
+    assert m["peak_probes_gflops"] == [{"fp32": 100.0, "bf16": 200.0}, {"fp32": 150.0, "bf16": 100.0}]
+    fp32, bf16 = report["cases"]
+    assert fp32["sides"]["purefine"]["mfu"] == pytest.approx(0.8) and fp32["sides"]["hf"]["mfu"] == pytest.approx(0.6)
+    assert bf16["sides"]["purefine"]["mfu"] == 0.5 and bf16["sides"]["hf"] == {"error": "x"}
+
+
 def test_gpu_cases_parse_and_a_gpu_report_compares_gpu_memory() -> None:
     assert [parse(c).batch_size * parse(c).seq_len for c in bench.GPU_CASES] == [2048, 4096, 4096, 4096]
     run = {"library": "x", "losses": [7.0, 6.9], "step_seconds": [0.5], "weights_bytes": 1, "setup_rss_bytes": 10,
@@ -209,6 +223,8 @@ def test_purefine_and_hf_peft_run_the_same_lora_step(tmp_path: Path, capsys: pyt
     _check_sides(report["cases"][0], first_tol=1e-5, final_tol=1e-4)
     m = report["machine"]
     assert m["threads"] == 2 and m["peak_gflops"]["fp32"] > 0 and m["peak_gflops"]["bf16"] > 0
+    before, after = m["peak_probes_gflops"]  # probed before and after the cases; the larger is kept
+    assert m["peak_gflops"] == {k: max(before[k], after[k]) for k in before}
     assert "| workload | purefine tok/s (peak RSS MB) | HF PEFT tok/s (peak RSS MB) | ratio tokens/s |" in out
     assert "| llama-tiny/lora/fp32 (8×256) |" in out and f"Machine: {hardware.cpu_model()}" in out
 

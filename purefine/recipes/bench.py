@@ -14,8 +14,9 @@ seeded batches, with the same recipe. Each measurement is a fresh child process
 (``python -m purefine.recipes.bench_case``), so its peak RSS is its own; the sides alternate within
 each round (purefine, HF, purefine, HF, ...) so drift hits both. ``bench_report`` turns the children's
 records into tokens/s (one definition with training: every position computed, ``loop.batch_tokens``),
-MFU against the matmul peak measured here (``hardware.matmul_peak``), ratios and the Markdown table,
-printed with the machine (``hardware.machine``) beside it; ``--json PATH`` writes the whole report.
+MFU against the matmul peak measured here (``hardware.matmul_peak``, probed before and after the cases,
+the larger kept), ratios and the Markdown table, printed with the machine (``hardware.machine``) beside
+it; ``--json PATH`` writes the whole report.
 ``--device cuda`` (``auto`` picks it when torch sees a GPU) runs every side on the GPU, compares peak
 GPU memory (``torch.cuda.max_memory_allocated``) instead of RSS, and measures the peaks on the GPU.
 """
@@ -208,7 +209,7 @@ def suites(cfg: BenchConfig) -> dict[str, Any]:
 def main(cfg: BenchConfig) -> dict:
     """Run the benchmark, print the table (and the suites' JSON), write ``--json``; returns the report."""
     from purefine import fsutil, hardware
-    from purefine.recipes.bench_report import markdown, memory_key
+    from purefine.recipes.bench_report import markdown, memory_key, settle_peaks
 
     workloads, sides, notes = check(cfg)
     cfg = replace(cfg, device=resolve_device(cfg.device))  # what every run and the report use
@@ -221,6 +222,7 @@ def main(cfg: BenchConfig) -> dict:
                 fixture = write_fixture(Path(tmp), w)
                 report["cases"].append(run_case(w, sides, fixture, cfg, machine["peak_gflops"],
                                                 memory_key(machine["device"])))
+        settle_peaks(report, hardware.machine(cfg.threads, device=cfg.device)["peak_gflops"])  # probed again
         print(markdown(report), flush=True)
     else:
         print(f"Machine: {hardware.describe(machine)}")

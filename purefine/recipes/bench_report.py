@@ -58,6 +58,23 @@ def side_summary(runs: list[dict[str, Any]], *, tokens: int, trained: int, flops
     return out
 
 
+def settle_peaks(report: dict[str, Any], later: dict[str, float]) -> None:
+    """Keep the larger of the machine's matmul peaks probed before the cases and ``later`` ({dtype name:
+    GFLOP/s}, probed after them), in place, and rescale every side's MFU to it: a probe that fell in a
+    slow stretch of a shared machine would otherwise read low and put MFU above 100%. Both readings
+    stay in ``machine["peak_probes_gflops"]``."""
+    machine = report["machine"]
+    before = dict(machine["peak_gflops"])
+    machine["peak_probes_gflops"] = [before, dict(later)]
+    machine["peak_gflops"] = {k: max(v, later.get(k, 0.0)) for k, v in before.items()}
+    for case in report["cases"]:
+        dtype = case["case"].split("/")[2]
+        scale = before[dtype] / machine["peak_gflops"][dtype]
+        for side in case["sides"].values():
+            if "mfu" in side:
+                side["mfu"] = round(side["mfu"] * scale, 4)
+
+
 def memory_key(device: str) -> str:
     """The peak memory a case is compared on: GPU memory on CUDA, the process's RSS elsewhere."""
     return "peak_device_bytes" if device == "cuda" else "peak_rss_bytes"
