@@ -128,10 +128,10 @@ def save(root: str | os.PathLike, state: Any, trainable: Callable[[str, Any], bo
     meta = {"format": FORMAT, "step": state.step, "data_position": state.data_position,
             "world_size": dist.get_world_size() if _distributed() else 1, **(extra or {})}
     tensors = state_dict(state, trainable)
+    dcp = _dcp()
     try:
         _prepare(tmp)
         meta["tensors"] = sorted(_all_names(tensors))
-        dcp = _dcp()
         if not async_save:
             dcp.save(tensors, storage_writer=writer(tmp), process_group=process_group)
             if _rank() == 0:
@@ -139,7 +139,7 @@ def save(root: str | os.PathLike, state: Any, trainable: Callable[[str, Any], bo
             _barrier()
             return final
         future = dcp.async_save(tensors, storage_writer=writer(tmp), process_group=process_group)
-    except (OSError, _dcp().CheckpointException) as e:
+    except (OSError, dcp.CheckpointException) as e:
         raise _save_error(e, root, final) from None
     committed: Future = Future()
     future.add_done_callback(lambda f: _finish_async(f, committed, tmp, final, meta))

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from purefine.hardware import describe
+from purefine.recipes.bench_workload import parse
 
 NAMES = {"purefine": "purefine", "hf": "HF PEFT", "torchtune": "torchtune"}
 MB = 1e6
@@ -68,7 +69,7 @@ def settle_peaks(report: dict[str, Any], later: dict[str, float]) -> None:
     machine["peak_probes_gflops"] = [before, dict(later)]
     machine["peak_gflops"] = {k: max(v, later.get(k, 0.0)) for k, v in before.items()}
     for case in report["cases"]:
-        dtype = case["case"].split("/")[2]
+        dtype = parse(case["case"]).dtype_name
         scale = before[dtype] / machine["peak_gflops"][dtype]
         for side in case["sides"].values():
             if "mfu" in side:
