@@ -42,7 +42,8 @@ class _RMSNorm(torch.autograd.Function):
             normed, r = _FUSED_NORM(x, [x.shape[-1]], None, eps)
             r = r.to(_stat_dtype(x))  # float32 already on CPU; the backward relies on it everywhere
             ctx.save_for_backward(x, w, r)
-            return w * normed
+            # scaled in place (the same product, no second activation-sized tensor) unless w's dtype promotes
+            return normed.mul_(w) if w.dtype == normed.dtype else w * normed
         h = x.to(_stat_dtype(x))
         r = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
         ctx.save_for_backward(x, w, r)
@@ -66,9 +67,11 @@ class _RMSNorm(torch.autograd.Function):
                 gw = _sum_to(g * n.to(x.dtype), w).to(w.dtype)
             gn = torch.mul(g, w.to(r.dtype))                 # float32 from g's dtype in the same pass
         if need_x:
-            # d/dx of x * r: r * (gn - n * mean(gn * n)), cast to x's dtype as it is written
+            # d/dx of x * r: r * (gn - n * mean(gn * n)), cast to x's dtype as it is written (in gn's
+            # own memory when x is float32 like it)
             dot = (gn * n).mean(-1, keepdim=True)
-            gx = torch.mul(gn.addcmul_(n, dot, value=-1.0), r, out=torch.empty_like(x))
+            gn.addcmul_(n, dot, value=-1.0)
+            gx = gn.mul_(r) if gn.dtype == x.dtype else torch.mul(gn, r, out=torch.empty_like(x))
         return gx, gw, None, None
 
 

@@ -14,6 +14,7 @@
   soft-cap (Gemma-2) the scores are formed explicitly, since SDPA has no soft-cap.
 - ``causal_mask`` / ``block_causal_mask`` / ``KVCache``: masks and the explicit decoding state.
 - ``sliding_window_mask`` / ``window_mask``: Mistral's sliding window on top of any other mask.
+- ``residual``: the residual sum, in place into the sublayer's fresh output where that is safe.
 - ``swiglu`` / ``gated_mlp``: Llama's gated MLP (any activation: Gemma's GELU); ``activation`` /
   ``dense_mlp``: the up-act-down MLP of GPT-2 / BERT.
 - ``run_layers``: the layer loop with per-block activation checkpointing and the FSDP gather hook.
@@ -284,6 +285,16 @@ def _softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mas
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     return scores.softmax(-1, dtype=torch.float32).to(q.dtype) @ v
+
+
+def residual(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x (B, T, D) + y (B, T, D): the residual stream plus a sublayer's output, added into y in place when
+    y is a fresh plain tensor of x's shape and dtype (one activation-sized tensor fewer per sublayer, the
+    same values: IEEE addition commutes). y must be an output no backward saves (a projection's)."""
+    if (_plain(x, y) and y.shape == x.shape and y.dtype == x.dtype and not y._is_view()
+            and not (y.is_leaf and y.requires_grad) and y.data_ptr() != x.data_ptr()):
+        return y.add_(x)
+    return x + y
 
 
 def glu(act: Any, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

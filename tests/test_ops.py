@@ -108,3 +108,41 @@ def test_kv_cache_refuses_overflow():
     cache.update(0, torch.ones(1, 1, 3, 2), torch.ones(1, 1, 3, 2))
     with pytest.raises(ConfigError, match="KV cache"):
         cache.advance(3).update(0, torch.ones(1, 1, 2, 2), torch.ones(1, 1, 2, 2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_residual_adds_into_a_fresh_sublayer_output_with_the_same_values_and_gradients(dtype):
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.randn(2, 5, 8, generator=gen).to(dtype).requires_grad_()
+    h0 = torch.randn(2, 5, 8, generator=gen).to(dtype).requires_grad_()
+    w0 = torch.randn(8, 8, generator=gen).to(dtype).requires_grad_()
+    g = torch.randn(2, 5, 8, generator=gen).to(dtype)
+
+    def run(add):
+        x, h, w = (t.detach().clone().requires_grad_() for t in (x0, h0, w0))
+        y = F.linear(h, w)
+        out = add(x * 2, y)  # x * 2: the residual stream is itself a graph node, as in a block
+        return out, y, torch.autograd.grad(out, (x, h, w), g)
+
+    out, y, grads = run(ops.residual)
+    ref, _, ref_grads = run(lambda a, b: a + b)
+    assert out.data_ptr() == y.data_ptr()  # no new activation-sized tensor: written into y
+    assert torch.equal(out, ref)           # addition commutes exactly
+    for a, b in zip(grads, ref_grads):
+        assert torch.equal(a, b)
+
+
+def test_residual_leaves_views_leaves_and_promotions_alone():
+    x = torch.randn(3, 4)
+    base = torch.randn(3, 8)
+    view = base[:, :4]
+    assert ops.residual(x, view).data_ptr() != view.data_ptr() and torch.equal(view, base[:, :4])
+    leaf = torch.randn(3, 4, requires_grad=True)
+    assert torch.equal(ops.residual(x, leaf), x + leaf) and leaf.grad_fn is None
+    half = torch.randn(3, 4, dtype=torch.bfloat16)
+    before = half.clone()
+    out = ops.residual(x, half)
+    assert out.dtype == torch.float32 and torch.equal(half, before)   # promoted, as x + y
+    row = torch.randn(4)
+    assert ops.residual(x, row).shape == (3, 4) and row.shape == (4,)  # broadcast: out of place
+    assert torch.equal(ops.residual(x, x), 2 * x)                     # never into the stream itself

@@ -171,8 +171,8 @@ def block(cfg: Gemma2Config, p: dict, x: torch.Tensor, ctx: Context, i: int) -> 
     def norm(name: str, h: torch.Tensor) -> torch.Tensor:
         return rms_norm(h, p[name]["weight"], cfg.rms_norm_eps)
 
-    x = x + norm("post_attention_layernorm", llama.attention(cfg, p["self_attn"], norm("input_layernorm", x), ctx, i))
-    return x + norm("post_feedforward_layernorm", llama.mlp(cfg, p["mlp"], norm("pre_feedforward_layernorm", x)))
+    x = ops.residual(x, norm("post_attention_layernorm", llama.attention(cfg, p["self_attn"], norm("input_layernorm", x), ctx, i)))
+    return ops.residual(x, norm("post_feedforward_layernorm", llama.mlp(cfg, p["mlp"], norm("pre_feedforward_layernorm", x))))
 
 
 def final(cfg: Gemma2Config, params: dict, x: torch.Tensor, g: Gather) -> torch.Tensor:

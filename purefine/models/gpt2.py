@@ -200,11 +200,11 @@ def attention(cfg: GPT2Config, p: dict, x: torch.Tensor, ctx: Context, i: int) -
 def block(cfg: GPT2Config, p: dict, x: torch.Tensor, ctx: Context, i: int) -> torch.Tensor:
     """One pre-norm layer: x + attn(ln_1(x)), then + mlp(ln_2(.)). x (B, T, D) -> (B, T, D)."""
     eps, act = cfg.layer_norm_epsilon, ops.activation(cfg.activation_function)
-    x = x + attention(cfg, p["attn"], ops.layer_norm(x, p["ln_1"]["weight"], p["ln_1"]["bias"], eps), ctx, i)
+    x = ops.residual(x, attention(cfg, p["attn"], ops.layer_norm(x, p["ln_1"]["weight"], p["ln_1"]["bias"], eps), ctx, i))
     h = ops.layer_norm(x, p["ln_2"]["weight"], p["ln_2"]["bias"], eps)
     mlp = p["mlp"]
-    return x + ops.dense_mlp(h, mlp["c_fc"]["weight"], mlp["c_fc"]["bias"], mlp["c_proj"]["weight"],
-                             mlp["c_proj"]["bias"], act)
+    return ops.residual(x, ops.dense_mlp(h, mlp["c_fc"]["weight"], mlp["c_fc"]["bias"], mlp["c_proj"]["weight"],
+                                         mlp["c_proj"]["bias"], act))
 
 
 def final(cfg: GPT2Config, params: dict, x: torch.Tensor, g: Gather) -> torch.Tensor:

@@ -257,8 +257,8 @@ def block(cfg: LlamaConfig, p: dict, x: torch.Tensor, ctx: Context, i: int, *,
           attention: Callable[..., torch.Tensor] = attention, mlp: Callable[..., torch.Tensor] = mlp) -> torch.Tensor:
     """One pre-norm layer: x + attention(norm(x)), then + mlp(norm(.)). x (B, T, D) -> (B, T, D)."""
     eps = cfg.rms_norm_eps
-    x = x + attention(cfg, p["self_attn"], ops.rms_norm(x, p["input_layernorm"]["weight"], eps), ctx, i)
-    return x + mlp(cfg, p["mlp"], ops.rms_norm(x, p["post_attention_layernorm"]["weight"], eps))
+    x = ops.residual(x, attention(cfg, p["self_attn"], ops.rms_norm(x, p["input_layernorm"]["weight"], eps), ctx, i))
+    return ops.residual(x, mlp(cfg, p["mlp"], ops.rms_norm(x, p["post_attention_layernorm"]["weight"], eps)))
 
 
 def final(cfg: LlamaConfig, params: dict, x: torch.Tensor, g: Gather) -> torch.Tensor:
